@@ -48,6 +48,15 @@ def get_task(name: str) -> TaskFamily:
     return TASKS[name]
 
 
+def verify(problem: Problem, response: str) -> float:
+    """Scores `response` to `problem` with its family's verifier (GSM8K records included)."""
+    if problem.task == "gsm8k":
+        from data.gsm8k import verify_gsm8k  # data.gsm8k imports this package
+
+        return verify_gsm8k(problem, response)
+    return get_task(problem.task).verify(problem, response)
+
+
 def task_counts(weights: Mapping[str, float], n: int) -> dict[str, int]:
     """Exact counts summing to `n`, proportional to `weights` (largest remainder method).
 

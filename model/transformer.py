@@ -1,0 +1,494 @@
+"""The Llama decoder in Flax Linen: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Pure functions of (params, inputs). Packed rows carry `segment_ids_BxL` (0 = padding) and
+per-segment positions; decoding passes an explicit `KVCache` in and gets the updated one back.
+Scalar heads (value, reward) are separate parameter subtrees read off the final hidden state.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.sharding import unbox, with_logical_constraint
+
+Array = jax.Array
+Params = dict[str, Any]
+
+# Finite, so a fully masked row gives a uniform softmax rather than NaN.
+_MASKED = -1e30
+_ACTIVATION = ("batch", "length", "embed")
+_KV = ("batch", "length", "heads", "kv")
+# Queries are constrained grouped by kv head so q and k always split alike: splitting q by head
+# and k by head dim (when K does not divide the tensor axis) gave XLA wrong gradients.
+_GROUPED_Q = ("batch", "length", "heads", None, "kv")
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+_HEAD_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+# ----------------------------------------------------------------------------- cache, output
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer; slot s of row b holds the token at position s."""
+
+    k: Array  # [Y, B, S, K, Dh] in the compute dtype
+    v: Array  # [Y, B, S, K, Dh]
+    end_index: Array  # [B] int32: slots written so far, i.e. the next token's position
+
+    @property
+    def max_len(self) -> int:
+        """S, the number of slots."""
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache of `max_len` slots for `batch` rows."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros_YxBxSxKxDh = with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
+    return KVCache(k=zeros_YxBxSxKxDh, v=zeros_YxBxSxKxDh, end_index=jnp.zeros((batch,), jnp.int32))
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What `Transformer.forward` returns."""
+
+    logits: Array | None  # [B, L, V] float32, None when compute_logits=False
+    hidden_BxLxD: Array  # after the final norm, in the compute dtype
+    scores: dict[str, Array]  # one float32 [B, L] per scalar head
+    cache: KVCache | None  # the updated cache when one was passed in
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2] in float32, with Llama 3.1 long-context scaling if set."""
+    # float32 like Hugging Face, so long positions round the same way.
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    if cfg.rope_scaling is None:
+        return inv_freq
+    _, factor, low_factor, high_factor, original = cfg.rope_scaling
+    wavelen = 2 * np.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    smooth = (original / wavelen - low_factor) / (high_factor - low_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = np.where(wavelen > original / low_factor, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= original / high_factor) & (wavelen <= original / low_factor)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxLxHxDh: Array, positions_BxL: Array, inv_freq: np.ndarray) -> Array:
+    """Rotates pairs (i, i + Dh/2) by position * inv_freq[i]."""
+    # This is Hugging Face's `rotate_half` pairing (not interleaved pairs), so HF q/k weights
+    # load with no permutation.
+    angles_BxLx1xR = positions_BxL[:, :, None, None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(angles_BxLx1xR), jnp.sin(angles_BxLx1xR)
+    x1, x2 = jnp.split(x_BxLxHxDh.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxHxDh.dtype)
+
+
+def segment_positions(segment_ids_BxL: Array) -> Array:
+    """Positions restarting at 0 wherever the segment id changes."""
+    B, L = segment_ids_BxL.shape
+    index_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    changed_BxL = segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]
+    starts_BxL = jnp.concatenate([jnp.ones((B, 1), bool), changed_BxL], axis=1)
+    start_index_BxL = jax.lax.cummax(jnp.where(starts_BxL, index_BxL, 0), axis=1)
+    return index_BxL - start_index_BxL
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Linear(nn.Module):
+    """A bias-free map contracting x's last `num_in` dims with the kernel's first `num_in`."""
+
+    cfg: ModelConfig
+    shape: tuple[int, ...]  # the kernel's shape
+    axes: tuple[str, ...]  # its logical axes
+    num_in: int = 1
+    float32_out: bool = False  # accumulate and return float32 (logits)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x contracted with the kernel, in the compute dtype (float32 if float32_out)."""
+        dims = range(len(self.shape))
+        # LeCun normal with fan-in over every contracted dim (D for q, H * Dh for o).
+        init = nn.initializers.variance_scaling(
+            1.0,
+            "fan_in",
+            "truncated_normal",
+            in_axis=tuple(dims[: self.num_in]),
+            out_axis=tuple(dims[self.num_in :]),
+        )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.axes),
+            self.shape,
+            self.cfg.weight_dtype,
+        )
+        dtype = self.cfg.compute_dtype
+        contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+        return jax.lax.dot_general(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            (contract, ((), ())),
+            preferred_element_type=jnp.float32 if self.float32_out else None,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        """x / rms(x) * scale, cast to the compute dtype."""
+        scale_D = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x_BxLxD.shape[-1],),
+            self.cfg.weight_dtype,
+        )
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def attend(q_BxLxKxGxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, mask_BxLxS: Array) -> Array:
+    """Grouped-query softmax attention: the G query heads of group k read kv head k."""
+    q_BxLxKxGxDh = q_BxLxKxGxDh * q_BxLxKxGxDh.shape[-1] ** -0.5
+    scores_BxKxGxLxS = jnp.einsum(
+        "blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh, preferred_element_type=jnp.float32
+    )
+    scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, _MASKED)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
+    return jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxDh)
+
+
+def _write_rows(cache_BxSxKxDh: Array, new_BxLxKxDh: Array, start_B: Array) -> Array:
+    """Writes each row's L new entries at its own slot offset."""
+
+    def write(cache_SxKxDh, new_LxKxDh, start):
+        return jax.lax.dynamic_update_slice(cache_SxKxDh, new_LxKxDh, (start, 0, 0))
+
+    return jax.vmap(write)(cache_BxSxKxDh, new_BxLxKxDh.astype(cache_BxSxKxDh.dtype), start_B)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE, optionally through a KV cache."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxLxD: Array,
+        positions_BxL: Array,
+        mask_BxLxS: Array,
+        kv: tuple[Array, Array] | None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """(output [B, L, D], updated (k, v) slots [B, S, K, Dh] or None)."""
+        cfg = self.cfg
+        D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        in_axes = ("embed", "heads", "kv")
+        q_BxLxHxDh = Linear(cfg, (D, H, Dh), in_axes, name="q")(x_BxLxD)
+        k_BxLxKxDh = Linear(cfg, (D, K, Dh), in_axes, name="k")(x_BxLxD)
+        v_BxLxKxDh = Linear(cfg, (D, K, Dh), in_axes, name="v")(x_BxLxD)
+        inv_freq = rope_frequencies(cfg)
+        B, L = positions_BxL.shape
+        # Hugging Face's repeat_kv order: query head h belongs to kv head h // G.
+        q_BxLxKxGxDh = apply_rope(q_BxLxHxDh, positions_BxL, inv_freq).reshape(B, L, K, H // K, Dh)
+        q_BxLxKxGxDh = with_logical_constraint(q_BxLxKxGxDh, _GROUPED_Q)
+        k_BxLxKxDh = with_logical_constraint(apply_rope(k_BxLxKxDh, positions_BxL, inv_freq), _KV)
+        v_BxLxKxDh = with_logical_constraint(v_BxLxKxDh, _KV)
+        if kv is None:
+            k_BxSxKxDh, v_BxSxKxDh = k_BxLxKxDh, v_BxLxKxDh
+        else:
+            # With a cache, a row's first position is its write slot.
+            start_B = positions_BxL[:, 0]
+            k_BxSxKxDh = _write_rows(kv[0], k_BxLxKxDh, start_B)
+            v_BxSxKxDh = _write_rows(kv[1], v_BxLxKxDh, start_B)
+            kv = (k_BxSxKxDh, v_BxSxKxDh)
+        out_BxLxKxGxDh = attend(q_BxLxKxGxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS)
+        out_BxLxKxGxDh = with_logical_constraint(out_BxLxKxGxDh, _GROUPED_Q)
+        o = Linear(cfg, (H, Dh, D), ("heads", "kv", "embed"), num_in=2, name="o")
+        return o(out_BxLxKxGxDh.reshape(B, L, H, Dh)), kv
+
+
+class Mlp(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        """The SwiGLU output [B, L, D]."""
+        cfg = self.cfg
+        D, F = cfg.d_model, cfg.mlp_dim
+        gate_BxLxF = Linear(cfg, (D, F), ("embed", "mlp"), name="gate")(x_BxLxD)
+        up_BxLxF = Linear(cfg, (D, F), ("embed", "mlp"), name="up")(x_BxLxD)
+        h_BxLxF = with_logical_constraint(
+            nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp")
+        )
+        return Linear(cfg, (F, D), ("mlp", "embed"), name="down")(h_BxLxF)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; (x, kv) in, (x, kv) out so nn.scan can carry x."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxLxD: Array,
+        positions_BxL: Array,
+        mask_BxLxS: Array,
+        kv: tuple[Array, Array] | None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """(x after the attention and MLP residuals, updated kv)."""
+        h_BxLxD, kv = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxLxS, kv
+        )
+        x_BxLxD = x_BxLxD + h_BxLxD
+        x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD))
+        return with_logical_constraint(x_BxLxD, _ACTIVATION), kv
+
+
+class Embedder(nn.Module):
+    """Token embedding; `decode` is the tied output projection."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        # fan-in over D gives unit-scale logits when the table doubles as the output layer.
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(init, ("vocab", "embed")),
+            (self.cfg.vocab_size, self.cfg.d_model),
+            self.cfg.weight_dtype,
+        )
+
+    def encode(self, tokens_BxL: Array) -> Array:
+        """Embeddings [B, L, D] in the compute dtype."""
+        return jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.cfg.compute_dtype)
+
+    def decode(self, x_BxLxD: Array) -> Array:
+        """float32 logits against the embedding table."""
+        table_VxD = self.embedding.astype(x_BxLxD.dtype)
+        return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+
+
+def _scalar_head(cfg: ModelConfig, **kwargs: Any) -> nn.Dense:
+    """A [D] -> 1 linear head in float32 (value, reward)."""
+    return nn.Dense(
+        1,
+        dtype=jnp.float32,
+        param_dtype=cfg.weight_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+        **kwargs,
+    )
+
+
+def _check_heads(heads: tuple[str, ...]) -> None:
+    """Raises unless `heads` are distinct lowercase names other than "lm"."""
+    for name in heads:
+        if not isinstance(name, str) or not _HEAD_NAME.fullmatch(name) or name == "lm":
+            raise ValueError(
+                f"scalar head name {name!r} must match [a-z][a-z0-9_]* and not be 'lm'"
+            )
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"scalar heads {heads} repeat a name")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    """Decoder-only Llama; `heads` names scalar heads, each stored as params["<name>_head"]."""
+
+    cfg: ModelConfig
+    heads: tuple[str, ...] = ()
+
+    def setup(self):
+        cfg = self.cfg
+        _check_heads(tuple(self.heads))
+        self.embed = Embedder(cfg)
+        block = Block
+        if cfg.remat != "none":
+            policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
+            # Under scan, XLA cannot CSE across iterations, so the CSE guard only costs speed.
+            block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg)
+        else:
+            # A list assigned in setup names its items layers_0, layers_1, ...
+            self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(
+                cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), float32_out=True
+            )
+        for name in self.heads:
+            setattr(self, f"{name}_head", _scalar_head(cfg))
+
+    def __call__(
+        self,
+        tokens_BxL: Array,
+        positions_BxL: Array | None = None,
+        segment_ids_BxL: Array | None = None,
+    ) -> Array:
+        """float32 logits [B, L, V] of int32 tokens [B, L]."""
+        return self.forward(tokens_BxL, positions_BxL, segment_ids_BxL).logits
+
+    def unembed(self, hidden_BxLxD: Array) -> Array:
+        """float32 logits [B, L, V] from final-normed hidden states."""
+        if self.cfg.tie_embeddings:
+            logits_BxLxV = self.embed.decode(hidden_BxLxD)
+        else:
+            logits_BxLxV = self.lm_head(hidden_BxLxD)
+        return with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def forward(
+        self,
+        tokens_BxL: Array,
+        positions_BxL: Array | None = None,
+        segment_ids_BxL: Array | None = None,
+        cache: KVCache | None = None,
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        """Logits, final hidden states, scalar-head scores and the updated cache.
+
+        Without a cache, `segment_ids_BxL` (0 = padding) confines attention to each packed
+        segment and, when `positions_BxL` is None, positions restart at every segment.
+        With a cache, row b's tokens go to slots and positions `cache.end_index[b]` onwards;
+        `segment_ids_BxL` then only marks right padding, which is not counted as written.
+        """
+        B, L = tokens_BxL.shape
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.ones((B, L), jnp.int32)
+        if cache is None:
+            if positions_BxL is None:
+                positions_BxL = segment_positions(segment_ids_BxL)
+            causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+            same_segment_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+            mask_BxLxS = causal_LxL[None] & same_segment_BxLxL
+            kv = None
+        else:
+            if positions_BxL is not None:
+                raise ValueError("with a cache, positions come from cache.end_index; pass None")
+            positions_BxL = cache.end_index[:, None] + jnp.arange(L, dtype=jnp.int32)
+            # Slot s holds position s, so causality and unwritten slots are one comparison.
+            slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
+            mask_BxLxS = slots_S[None, None, :] <= positions_BxL[:, :, None]
+            kv = (cache.k, cache.v)
+
+        x_BxLxD = with_logical_constraint(self.embed.encode(tokens_BxL), _ACTIVATION)
+        if self.cfg.scan_layers:
+            x_BxLxD, kv = self.layers(x_BxLxD, positions_BxL, mask_BxLxS, kv)
+        else:
+            new_kv = []
+            for i, layer in enumerate(self.layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BxLxD, layer_kv = layer(x_BxLxD, positions_BxL, mask_BxLxS, layer_kv)
+                new_kv.append(layer_kv)
+            if kv is not None:
+                kv = tuple(jnp.stack([pair[j] for pair in new_kv]) for j in range(2))
+        hidden_BxLxD = self.final_norm(x_BxLxD)
+
+        new_cache = None
+        if cache is not None:
+            written_B = jnp.sum(segment_ids_BxL != 0, axis=1, dtype=jnp.int32)
+            new_cache = KVCache(k=kv[0], v=kv[1], end_index=cache.end_index + written_B)
+        scores = {
+            name: getattr(self, f"{name}_head")(hidden_BxLxD.astype(jnp.float32))[..., 0]
+            for name in self.heads
+        }
+        logits_BxLxV = self.unembed(hidden_BxLxD) if compute_logits else None
+        return ModelOutput(
+            logits=logits_BxLxV, hidden_BxLxD=hidden_BxLxD, scores=scores, cache=new_cache
+        )
+
+
+# ----------------------------------------------------------------------------- param trees
+
+
+def init_variables(cfg: ModelConfig, rng: Array, heads: tuple[str, ...] = ()) -> Params:
+    """Boxed (nn.Partitioned) parameters; the init_fn for sharding.init_sharded."""
+    tokens_1x1 = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(cfg, tuple(heads)).init(rng, tokens_1x1)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "heads"))
+def init_params(cfg: ModelConfig, rng: Array, heads: tuple[str, ...] = ()) -> Params:
+    """Plain (unboxed) parameters on the default device; use sharding.init_sharded at scale."""
+    return unbox(init_variables(cfg, rng, heads))
+
+
+def head_key(name: str) -> str:
+    """The params key of scalar head `name`."""
+    return f"{name}_head"
+
+
+def add_heads(params: Params, cfg: ModelConfig, heads: tuple[str, ...], rng: Array) -> Params:
+    """A copy of `params` with freshly initialized scalar heads added."""
+    _check_heads(tuple(heads))
+    present = [name for name in heads if head_key(name) in params]
+    if present:
+        raise ValueError(f"params already have scalar heads {present}")
+    hidden_1xD = jnp.zeros((1, cfg.d_model), jnp.float32)
+    new = dict(params)
+    for name, key in zip(heads, jax.random.split(rng, len(heads)), strict=True):
+        new[head_key(name)] = unbox(_scalar_head(cfg).init(key, hidden_1xD)["params"])
+    return new
+
+
+def drop_heads(params: Params, heads: tuple[str, ...] | None = None) -> Params:
+    """A copy of `params` without the named scalar heads (all of them when None)."""
+    if heads is None:
+        return {k: v for k, v in params.items() if not (k.endswith("_head") and k != "lm_head")}
+    keys = {head_key(name) for name in heads}
+    return {k: v for k, v in params.items() if k not in keys}
+
+
+def unstack_layers(params: Params) -> Params:
+    """Scanned params ("layers" with a leading layer axis) -> "layers_0", "layers_1", ..."""
+    stacked = params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    new = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        new[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return new
+
+
+def stack_layers(params: Params) -> Params:
+    """ "layers_0", "layers_1", ... -> scanned params ("layers" with a leading layer axis)."""
+    names = sorted((k for k in params if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k[7:]))
+    if not names:
+        raise ValueError("params have no layers_<i> subtrees to stack")
+    new = {k: v for k, v in params.items() if k not in names}
+    new["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+    return new

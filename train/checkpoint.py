@@ -1,0 +1,108 @@
+"""Orbax checkpoints: parameters, optimizer state and the data iterator in one step.
+
+Each checkpoint step holds three items:
+  - "params": the model parameters (all that inference needs; restored alone by
+    `load_params`);
+  - "train": the optimizer state, the step and the rng;
+  - "data": the batch producer's state (the Grain iterator, or a rollout producer's), so
+    that a resumed run sees exactly the batch it would have seen.
+Orbax writes each step to a temporary folder and renames it when complete, so a run killed
+mid-save leaves the previous steps intact. Restoring against abstract arrays that carry
+shardings reshards on the fly, so a checkpoint from one mesh loads onto another.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from train.step import TrainState
+
+
+def make_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    """A CheckpointManager over `workdir/checkpoints` keeping the last `keep` steps."""
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        item_names=("params", "train", "data"),
+        options=options,
+    )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState, data_args) -> None:
+    """Saves the state and the batch producer's state as checkpoint `step`."""
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave(train),
+            data=data_args,
+        ),
+        force=True,
+    )
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, data_args) -> TrainState:
+    """Restores the latest step onto the shardings carried by `abstract_state`."""
+    step = manager.latest_step()
+    abstract_train = {
+        "step": abstract_state.step,
+        "opt_state": abstract_state.opt_state,
+        "rng": abstract_state.rng,
+    }
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            train=ocp.args.StandardRestore(abstract_train),
+            data=data_args,
+        ),
+    )
+    train = restored["train"]
+    return TrainState(
+        step=train["step"],
+        params=restored["params"],
+        opt_state=train["opt_state"],
+        rng=train["rng"],
+    )
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest complete checkpoint step in `workdir`, or None."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return None
+    with ocp.CheckpointManager(os.path.abspath(path), item_names=("params",)) as manager:
+        return manager.latest_step()
+
+
+def load_params(workdir: str, abstract_params=None, step: int | None = None):
+    """Restores only the parameters of checkpoint `step` (default: newest) of `workdir`.
+
+    With `abstract_params` (ShapeDtypeStructs with shardings) the arrays land sharded;
+    without, they land on the default device with the saved shapes.
+    """
+    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No checkpoints in {workdir}: run train.main there first")
+    with ocp.CheckpointManager(path, item_names=("params",)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{path} holds no complete checkpoint")
+        if abstract_params is None:
+            metadata = manager.item_metadata(step)["params"]
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            abstract_params = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata
+            )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        )
+    return restored["params"], step

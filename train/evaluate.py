@@ -1,0 +1,140 @@
+"""Evaluation: greedy answers to held-out problems, checked by the task verifiers.
+
+    python -m train.evaluate --workdir=DIR [--split=test] [--num_problems=N]
+
+writes DIR/eval.json with per-task accuracy, the rate of well-formed outputs, the mean
+thought length in tokens and the number of problems. train.main runs the same function at
+intervals and at the end of every run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from data.builder import record_to_problem
+from data.format import parse_assistant
+from data.tasks import verify
+from data.tasks.base import Problem
+from rl.generate import generate
+
+EVAL_FILE = "eval.json"
+
+
+def score_response(problem: Problem, text: str, tokenizer) -> dict:
+    """Verifier score, well-formedness and thought length of one response; never raises."""
+    parsed = parse_assistant(text)
+    visible = parsed.turn.content if parsed.turn.content else text
+    thoughts = [step for block in parsed.turn.blocks for step in block.thoughts]
+    return {
+        "correct": float(verify(problem, visible)),
+        "well_formed": float(not parsed.malformed and parsed.answer is not None),
+        "thought_tokens": len(tokenizer.encode("\n".join(thoughts))) if thoughts else 0,
+        "answer": parsed.answer,
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means of the per-response scores."""
+    if not rows:
+        return {"accuracy": 0.0, "well_formed": 0.0, "mean_thought_tokens": 0.0, "num_problems": 0}
+    return {
+        "accuracy": float(np.mean([r["correct"] for r in rows])),
+        "well_formed": float(np.mean([r["well_formed"] for r in rows])),
+        "mean_thought_tokens": float(np.mean([r["thought_tokens"] for r in rows])),
+        "num_problems": len(rows),
+    }
+
+
+def evaluate(params, model_cfg, tokenizer, records: list[dict], eval_config, *, num_shown=6):
+    """Greedy-decodes every record's prompt and scores it; returns the eval.json dict."""
+    problems = [record_to_problem(r) for r in records]
+    generations = generate(
+        params,
+        model_cfg,
+        tokenizer,
+        [p.prompt for p in problems],
+        max_new_tokens=eval_config.max_new_tokens,
+        batch_size=eval_config.batch_size,
+        greedy=True,
+    )
+    rows, by_task = [], collections.defaultdict(list)
+    for problem, (gen,) in zip(problems, generations, strict=True):
+        row = {**score_response(problem, gen.text, tokenizer), "finished": gen.finished}
+        rows.append(row)
+        by_task[problem.task].append(row)
+    result = summarize(rows)
+    result["per_task"] = {task: summarize(task_rows) for task, task_rows in sorted(by_task.items())}
+    result["samples"] = [
+        {
+            "task": p.task,
+            "prompt": p.prompt,
+            "expected": p.answer,
+            "response": g[0].text,
+            "correct": r["correct"],
+        }
+        for p, g, r in list(zip(problems, generations, rows, strict=True))[:num_shown]
+    ]
+    return result
+
+
+def load_eval_records(prepared, split: str, num_problems: int) -> list[dict]:
+    """The first `num_problems` records of `split` (all if 0), as plain dicts."""
+    from data.builder import load_split
+
+    source = load_split(prepared.builder, split)
+    n = len(source) if not num_problems else min(num_problems, len(source))
+    return [dict(source[i]) for i in range(n)]
+
+
+def write_eval(workdir: str, result: dict, step: int) -> None:
+    """Writes eval.json atomically, so a reader never sees half a file."""
+    path = os.path.join(workdir, EVAL_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"step": step, **result}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def format_table(result: dict) -> str:
+    """A plain-text per-task accuracy table."""
+    lines = [f"{'task':<16}{'accuracy':>10}{'well-formed':>13}{'thought tok':>13}{'n':>6}"]
+    for task, r in result["per_task"].items():
+        lines.append(
+            f"{task:<16}{r['accuracy']:>10.3f}{r['well_formed']:>13.3f}"
+            f"{r['mean_thought_tokens']:>13.1f}{r['num_problems']:>6}"
+        )
+    lines.append(
+        f"{'all':<16}{result['accuracy']:>10.3f}{result['well_formed']:>13.3f}"
+        f"{result['mean_thought_tokens']:>13.1f}{result['num_problems']:>6}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv):
+    """Evaluates the newest checkpoint of --workdir and writes eval.json."""
+    del argv
+    from data.build import prepare
+    from train.workdir import load_run
+
+    args = flags.FLAGS
+    run = load_run(args.workdir)
+    eval_config = run.config.eval
+    prepared = prepare(run.config.data, args.workdir)
+    split = args.split or eval_config.split
+    num = eval_config.num_problems if args.num_problems is None else args.num_problems
+    records = load_eval_records(prepared, split, num)
+    result = evaluate(run.params, run.model_cfg, run.tokenizer, records, eval_config)
+    write_eval(args.workdir, result, run.step)
+    print(format_table(result))
+
+
+if __name__ == "__main__":
+    # Flags are defined here, not at import, because train.main imports this module.
+    flags.DEFINE_string("workdir", None, "A train.main workdir.", required=True)
+    flags.DEFINE_string("split", None, "Split to evaluate (default: the run's eval.split).")
+    flags.DEFINE_integer("num_problems", None, "Problems to evaluate (0: all).")
+    app.run(main)
