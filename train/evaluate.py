@@ -12,9 +12,11 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from data.builder import record_to_problem
 from data.format import parse_assistant
@@ -82,6 +84,44 @@ def evaluate(params, model_cfg, tokenizer, records: list[dict], eval_config, *, 
     return result
 
 
+EvalFn = Callable[[Any, int], dict]  # (params, step) -> the eval.json dict
+EVALUATIONS: dict[str, Callable[..., EvalFn]] = {}
+
+
+def register_evaluation(name: str):
+    """Decorator registering `factory(config, prepared, model_cfg, model) -> eval_fn`."""
+
+    def wrap(factory):
+        EVALUATIONS[name] = factory
+        return factory
+
+    return wrap
+
+
+def make_evaluation(name: str, config, prepared, model_cfg, model) -> EvalFn:
+    """The evaluation registered as `name`, bound to a run."""
+    if name not in EVALUATIONS:
+        raise KeyError(f"Unknown evaluation {name!r}; registered: {sorted(EVALUATIONS)}")
+    return EVALUATIONS[name](config, prepared, model_cfg, model)
+
+
+@register_evaluation("generate")
+def make_generate_evaluation(config, prepared, model_cfg, model) -> EvalFn:
+    """Greedy answers to `config.eval.split`, scored by the task verifiers."""
+    del model
+    records = []  # loaded on first use, then reused
+
+    def eval_fn(params, step: int) -> dict:
+        del step
+        if not records:
+            records.extend(load_eval_records(prepared, config.eval.split, config.eval.num_problems))
+        result = evaluate(params, model_cfg, prepared.tokenizer, records, config.eval)
+        logging.info("Evaluation:\n%s", format_table(result))
+        return result
+
+    return eval_fn
+
+
 def load_eval_records(prepared, split: str, num_problems: int) -> list[dict]:
     """The first `num_problems` records of `split` (all if 0), as plain dicts."""
     from data.builder import load_split
@@ -89,6 +129,11 @@ def load_eval_records(prepared, split: str, num_problems: int) -> list[dict]:
     source = load_split(prepared.builder, split)
     n = len(source) if not num_problems else min(num_problems, len(source))
     return [dict(source[i]) for i in range(n)]
+
+
+def scalar_summary(result: dict) -> dict:
+    """The top-level numbers of an eval.json dict (what TensorBoard and the console get)."""
+    return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
 
 def write_eval(workdir: str, result: dict, step: int) -> None:
@@ -118,18 +163,24 @@ def main(argv):
     """Evaluates the newest checkpoint of --workdir and writes eval.json."""
     del argv
     from data.build import prepare
+    from model.transformer import Transformer
+    from train.objectives import get_objective
     from train.workdir import load_run
 
     args = flags.FLAGS
     run = load_run(args.workdir)
-    eval_config = run.config.eval
-    prepared = prepare(run.config.data, args.workdir)
-    split = args.split or eval_config.split
-    num = eval_config.num_problems if args.num_problems is None else args.num_problems
-    records = load_eval_records(prepared, split, num)
-    result = evaluate(run.params, run.model_cfg, run.tokenizer, records, eval_config)
+    config = run.config
+    if args.split:
+        config.eval.split = args.split
+    if args.num_problems is not None:
+        config.eval.num_problems = args.num_problems
+    objective = get_objective(config.objective)
+    prepared = prepare(config.data, args.workdir)
+    model = Transformer(run.model_cfg, heads=objective.heads)
+    eval_fn = make_evaluation(objective.evaluation, config, prepared, run.model_cfg, model)
+    result = eval_fn(run.params, run.step)
     write_eval(args.workdir, result, run.step)
-    print(format_table(result))
+    print(json.dumps(scalar_summary(result), indent=1))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # The rules must be active while the step and the sampler trace, so that the
         # model's activation constraints name mesh axes.
         with sharding_lib.use_rules(mesh, setup.rules):
-            return _loop(config, workdir, setup, state, step_fn, producer, manager)
+            return _loop(config, workdir, setup, objective, state, step_fn, producer, manager)
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -127,7 +127,7 @@ def _restore_or_init(config, setup, manager, producer, tx, abstract_state, shard
     return state
 
 
-def _loop(config, workdir, setup: Setup, state, step_fn, producer, manager) -> dict:
+def _loop(config, workdir, setup: Setup, objective, state, step_fn, producer, manager) -> dict:
     """Steps from the state's step to config.num_steps; returns the final evaluation."""
     start = int(state.step)  # one host read, before anything is in flight
     batch_sharding = sharding_lib.batch_sharding(setup.mesh, setup.rules)
@@ -135,7 +135,7 @@ def _loop(config, workdir, setup: Setup, state, step_fn, producer, manager) -> d
         workdir, total_steps=config.num_steps, start_step=start, progress=config.progress_bar
     )
     logger = _StepLogger(config, setup.model_cfg, workdir, writer, manager, start)
-    evaluator = _Evaluator(config, setup, workdir, writer)
+    evaluator = _Evaluator(config, setup, objective, workdir, writer)
     try:
         for step in range(start, config.num_steps):
             local = producer.next(state)
@@ -223,26 +223,23 @@ def _log(writer, pending, window: _Window, config, peak, flops_per_token, workdi
 
 
 class _Evaluator:
-    """Runs train.evaluate on the configured split and writes eval.json."""
+    """Runs the objective's evaluation and writes eval.json (process 0)."""
 
-    def __init__(self, config, setup: Setup, workdir: str, writer):
-        self.config, self.setup, self.workdir, self.writer = config, setup, workdir, writer
-        self.records = None  # loaded on first use, then reused
+    def __init__(self, config, setup: Setup, objective, workdir: str, writer):
+        from train.evaluate import make_evaluation
+
+        self.eval_fn = make_evaluation(
+            objective.evaluation, config, setup.prepared, setup.model_cfg, setup.model
+        )
+        self.workdir, self.writer = workdir, writer
 
     def __call__(self, params, step: int) -> dict:
-        from train.evaluate import evaluate, format_table, load_eval_records, write_eval
+        from train.evaluate import scalar_summary, write_eval
 
-        eval_config, setup = self.config.eval, self.setup
-        if self.records is None:
-            self.records = load_eval_records(
-                setup.prepared, eval_config.split, eval_config.num_problems
-            )
-        result = evaluate(
-            params, setup.model_cfg, setup.prepared.tokenizer, self.records, eval_config
-        )
+        result = self.eval_fn(params, step)
         if jax.process_index() == 0:
             write_eval(self.workdir, result, step)
-            summary = {"accuracy": result["accuracy"], "well_formed": result["well_formed"]}
+            summary = scalar_summary(result)
             self.writer.write_summary(step, "eval", summary)
-            print(format_table(result))
+            print(f"eval at step {step}: {summary}")
         return result

@@ -25,18 +25,37 @@ def get_config(arg: str | None = None):
     c.objective = "sft"
     c.data = default_data_config()
     c.data.answer_only = arg.format == "answer_only"
+    # The mix leans on the three headline tasks (3-digit addition, 3x2-digit multiplication,
+    # letter counting on held-out words); the others keep every family in the model.
+    weights = {
+        "addition": 1.0,
+        "multiplication": 2.0,
+        "letter_count": 1.5,
+        "arithmetic": 1.0,
+        "sorting": 1.0,
+        "program_trace": 0.75,
+        "program_write": 0.3,
+    }
+    for task, weight in weights.items():
+        c.data.tasks[task].weight = weight
+    c.data.tasks.addition.knobs = {"digits": 3}
+    c.data.tasks.program_trace.knobs = {"iterations": (2, 3)}
+    c.data.train_size = 8000
+    c.data.test_size = 400
+    c.data.seq_len = 384
 
     # Per-part loss weights on the assistant tokens (see data.format.encode_dialogue).
     c.loss = {"headline": 1.0, "thoughts": 1.0, "summary": 1.0, "answer": 1.0, "z_loss": 1e-4}
 
+    # Sized for about 15 minutes on a 2-core CPU: ~2.5k tokens/s of a 2M-parameter model.
     c.model.preset = "small"
-    c.num_steps = 1500
-    c.batch_size = 32
+    c.num_steps = 400
+    c.batch_size = 16
     c.optimizer.lr = 3e-3
-    c.optimizer.warmup_steps = 100
-    c.log_every = 25
-    c.checkpoint_every = 250
-    c.eval.num_problems = 256
+    c.optimizer.warmup_steps = 30
+    c.log_every = 20
+    c.checkpoint_every = 100
+    c.eval.num_problems = 0  # the whole test split
     c.eval.max_new_tokens = 320
 
     if arg.tiny:

@@ -8,7 +8,8 @@ builds a pure loss function from the config and the model:
 The loop (train/loop.py) never branches on which objective runs. An objective also names
 the scalar heads its model needs (reward models add "reward", the PPO critic "value") and
 the batch producer that feeds it (train/batches.py): Grain for supervised data, a rollout
-phase for RL.
+phase for RL; and the evaluation that judges it (train/evaluate.py): greedy accuracy for
+policies, AUC for reward models.
 """
 
 from __future__ import annotations
@@ -33,18 +34,21 @@ class Objective:
     make_loss: LossFactory  # (config, model) -> loss_fn
     heads: tuple[str, ...] = ()  # scalar heads the model must carry
     batches: str = "sft"  # a name in train.batches.PRODUCERS
+    evaluation: str = "generate"  # a name in train.evaluate.EVALUATIONS
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register(name: str, *, heads: tuple[str, ...] = (), batches: str = "sft"):
+def register(
+    name: str, *, heads: tuple[str, ...] = (), batches: str = "sft", evaluation: str = "generate"
+):
     """Decorator registering a loss factory as objective `name`."""
 
     def wrap(make_loss: LossFactory) -> LossFactory:
         if name in OBJECTIVES:
             raise ValueError(f"Objective {name!r} is registered twice")
-        OBJECTIVES[name] = Objective(name, make_loss, heads, batches)
+        OBJECTIVES[name] = Objective(name, make_loss, heads, batches, evaluation)
         return make_loss
 
     return wrap
