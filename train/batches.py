@@ -14,13 +14,19 @@ from typing import Any, Protocol
 import grain
 import jax
 import ml_collections
+from jax.sharding import NamedSharding
+
+from model import sharding as sharding_lib
 
 
 class BatchProducer(Protocol):
     """What the loop needs from a source of batches."""
 
     def next(self, state) -> dict[str, Any]:
-        """The next host-local batch; `state` is the current TrainState (RL samples with it)."""
+        """The next host-local batch; `state` is the current TrainState (RL samples with it).
+
+        Arrays have this process's rows on axis 0; `inputs` [b, L] must be present (the loop
+        counts its tokens for throughput)."""
         ...
 
     def save_args(self):
@@ -29,6 +35,10 @@ class BatchProducer(Protocol):
 
     def restore_args(self):
         """Orbax args that restore this producer's position in place."""
+        ...
+
+    def host_metrics(self) -> dict[str, float]:
+        """Host-side numbers about the last batch (rollout time, rewards...), logged with it."""
         ...
 
 
@@ -51,6 +61,18 @@ def make_producer(name: str, config: ml_collections.ConfigDict, prepared, model)
     if name not in PRODUCERS:
         raise KeyError(f"Unknown batch producer {name!r}; registered: {sorted(PRODUCERS)}")
     return PRODUCERS[name](config, prepared, model)
+
+
+def to_global(local: dict[str, Any], mesh, rules) -> dict[str, Any]:
+    """Host-local rows -> global arrays whose leading axis is split over the batch mesh axes."""
+
+    def place(x):
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        logical = ("batch",) + (None,) * (x.ndim - 1)
+        spec = sharding_lib.logical_to_spec(logical, global_shape, mesh.shape, rules)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+
+    return jax.tree.map(place, local)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -79,6 +101,10 @@ class GrainProducer:
     def restore_args(self):
         """Restores the iterator's state in place."""
         return grain.checkpoint.CheckpointRestore(self.iterator)
+
+    def host_metrics(self) -> dict[str, float]:
+        """Nothing beyond what the step computes."""
+        return {}
 
 
 @register("sft")

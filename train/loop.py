@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 schedule=schedule,
                 accum_steps=config.grad_accum_steps,
             ),
-            in_shardings=(shardings, sharding_lib.batch_sharding(mesh, setup.rules)),
+            in_shardings=(shardings, None),  # batches arrive placed by batches.to_global
             out_shardings=(shardings, None),
             donate_argnums=0,
         )
@@ -130,7 +130,6 @@ def _restore_or_init(config, setup, manager, producer, tx, abstract_state, shard
 def _loop(config, workdir, setup: Setup, objective, state, step_fn, producer, manager) -> dict:
     """Steps from the state's step to config.num_steps; returns the final evaluation."""
     start = int(state.step)  # one host read, before anything is in flight
-    batch_sharding = sharding_lib.batch_sharding(setup.mesh, setup.rules)
     writer = metrics_lib.MetricsWriter(
         workdir, total_steps=config.num_steps, start_step=start, progress=config.progress_bar
     )
@@ -139,10 +138,15 @@ def _loop(config, workdir, setup: Setup, objective, state, step_fn, producer, ma
     try:
         for step in range(start, config.num_steps):
             local = producer.next(state)
-            batch = jax.make_array_from_process_local_data(batch_sharding, local)
+            batch = batches_lib.to_global(local, setup.mesh, setup.rules)
             state, step_metrics = step_fn(state, batch)
             # Log step n-1 while step n runs; the tokens count padding too (MFU numerator).
-            logger.push(step + 1, step_metrics, int(np.prod(local["inputs"].shape)))
+            logger.push(
+                step + 1,
+                step_metrics,
+                int(np.prod(local["inputs"].shape)),
+                producer.host_metrics(),
+            )
             done = step + 1
             if done % config.checkpoint_every == 0 or done == config.num_steps:
                 logger.flush()  # never save a state whose loss was not checked
@@ -166,10 +170,10 @@ class _StepLogger:
         self.pending = None
         self.window = _Window(last_step=start)
 
-    def push(self, step: int, device_metrics, local_tokens: int) -> None:
+    def push(self, step: int, device_metrics, local_tokens: int, host_metrics: dict) -> None:
         """Logs the previous step, then keeps this one pending."""
         self.flush()
-        self.pending = (step, device_metrics, local_tokens * jax.process_count())
+        self.pending = (step, device_metrics, local_tokens * jax.process_count(), host_metrics)
 
     def flush(self) -> None:
         """Logs the pending step, if any (blocks until that step is done)."""
@@ -198,7 +202,7 @@ class _Window:
 
 def _log(writer, pending, window: _Window, config, peak, flops_per_token, workdir, manager):
     """Reads one finished step's metrics on the host, checks them, and logs them."""
-    step, device_metrics, tokens = pending
+    step, device_metrics, tokens, host_metrics = pending
     values = jax.device_get(device_metrics)  # waits for that step only
     loss = float(values["loss"])
     if not math.isfinite(loss):
@@ -214,7 +218,7 @@ def _log(writer, pending, window: _Window, config, peak, flops_per_token, workdi
         return
     now = time.perf_counter()
     elapsed = now - window.last_time
-    record = {k: float(v) for k, v in values.items()}
+    record = {k: float(v) for k, v in values.items()} | dict(host_metrics)
     record["tokens_per_sec"] = window.tokens / max(elapsed, 1e-9)
     record["mfu"] = record["tokens_per_sec"] * flops_per_token / peak
     record["step_time"] = elapsed / max(step - window.last_step, 1)
