@@ -165,3 +165,20 @@ def test_bad_config_key_fails_before_any_work(tmp_path, override, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not workdir.exists()
+
+
+def test_init_from_hugging_face_directory(tiny_run, tmp_path):
+    from model import hf
+    from train.workdir import load_run
+
+    source = load_run(tiny_run)
+    hf_dir = tmp_path / "hf"
+    hf.save_llama(source.model_cfg, source.params, str(hf_dir))
+    source.tokenizer.save(str(hf_dir / "tokenizer.model"))
+
+    config = tiny_config(init_from=str(hf_dir), num_steps=1, checkpoint_every=1)
+    config.optimizer.lr = 0.0
+    run(config, str(tmp_path / "run"))
+    loaded, _ = checkpoint.load_params(str(tmp_path / "run"))
+    for a, b in zip(jax.tree.leaves(source.params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0)
