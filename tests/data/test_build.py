@@ -101,3 +101,20 @@ def test_cli_builds_with_overrides(tmp_path):
     assert os.path.isfile(tmp_path / "tokenizer.model")
     total = next(line for line in result.stdout.splitlines() if line.startswith("total"))
     assert total.split()[1:] == ["12", "2", "2"]
+
+
+def test_tokenizer_splits_held_out_words_into_several_pieces(tmp_path):
+    """Letter counting is only a reasoning task if the model cannot read letters off one id."""
+    import numpy as np
+
+    from data.tasks import get_task
+
+    config = default_data_config()
+    config.train_size, config.validation_size, config.test_size = 600, 8, 8
+    config.corrupted_size = 0
+    prepared = build.prepare(config, str(tmp_path), verbose=False)
+    family = get_task("letter_count")
+    rng = np.random.default_rng(0)
+    words = {family.generate(rng, split="test").meta["word"] for _ in range(200)}
+    multi = np.mean([len(prepared.tokenizer.pieces(word)) >= 2 for word in words])
+    assert multi >= 0.8, f"only {multi:.0%} of held-out words split into several pieces"
