@@ -15,9 +15,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from data import builder as builder_lib
@@ -26,6 +29,7 @@ from data.tokenizer import Tokenizer, adapt_tokenizer, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
 DATA_FOLDER = "data"
+LOCAL_DATA_CACHE = os.path.expanduser("~/.cache/thinkax/data")  # data of remote workdirs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,22 +42,54 @@ class Prepared:
 
 
 def prepare(data_config: Mapping[str, Any], workdir: str, *, verbose: bool = True) -> Prepared:
-    """Builds (or reuses) `workdir/data/...` and `workdir/tokenizer.model`; prints task counts."""
-    builder = builder_lib.make_builder(data_config, os.path.join(workdir, DATA_FOLDER))
+    """Builds (or reuses) the data and `workdir/tokenizer.model`; prints task counts.
+
+    Data goes to `workdir/data`, or, for a remote workdir (gs://...), to a local cache on each
+    host: ArrayRecord cannot write to cloud storage, and the records are deterministic in the
+    config, so every host builds the same ones. Of several processes, process 0 builds what
+    they share (and trains the tokenizer) while the others wait for it.
+    """
+    workdir = epath.Path(workdir)
+    data_root = data_root_for(workdir)
+    tokenizer_file = workdir / TOKENIZER_FILE
+    builder = None
+    if jax.process_index() == 0 or is_remote(workdir):
+        builder = _build_data(data_config, data_root)
+    if jax.process_index() == 0 and not tokenizer_file.exists():
+        tokenizer = make_tokenizer(data_config, builder)
+        workdir.mkdir(parents=True, exist_ok=True)
+        tokenizer_file.write_bytes(tokenizer.proto_bytes)
+        logging.info("Wrote %s (vocab size %d)", tokenizer_file, tokenizer.vocab_size)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("data.build.prepare")
+    if builder is None:
+        builder = builder_lib.make_builder(data_config, os.fspath(data_root))
+    tokenizer = Tokenizer.from_proto(tokenizer_file.read_bytes())
+    if verbose:
+        print(format_counts(builder_lib.task_counts(builder)))
+    return Prepared(tokenizer=tokenizer, data_dir=os.fspath(builder.data_dir), builder=builder)
+
+
+def is_remote(path: epath.PathLike) -> bool:
+    """Whether `path` is a URI such as gs://bucket/run rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def data_root_for(workdir: epath.PathLike) -> epath.Path:
+    """Where a workdir's TFDS data lives: inside it if local, else in LOCAL_DATA_CACHE."""
+    if is_remote(workdir):
+        return epath.Path(LOCAL_DATA_CACHE)
+    return epath.Path(workdir) / DATA_FOLDER
+
+
+def _build_data(data_config: Mapping[str, Any], data_root: epath.Path):
+    """The builder for `data_config` under `data_root`, its splits written if not yet there."""
+    builder = builder_lib.make_builder(data_config, os.fspath(data_root))
     if not _is_prepared(builder):
         logging.info("Building data into %s", builder.data_dir)
         tfds.display_progress_bar(False)  # per-split bars would flood training logs
         builder.download_and_prepare()
-    tokenizer_file = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(tokenizer_file):
-        tokenizer = Tokenizer.load(tokenizer_file)
-    else:
-        tokenizer = make_tokenizer(data_config, builder)
-        tokenizer.save(tokenizer_file)
-        logging.info("Wrote %s (vocab size %d)", tokenizer_file, tokenizer.vocab_size)
-    if verbose:
-        print(format_counts(builder_lib.task_counts(builder)))
-    return Prepared(tokenizer=tokenizer, data_dir=os.fspath(builder.data_dir), builder=builder)
+    return builder
 
 
 def make_tokenizer(data_config: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -> Tokenizer:
@@ -102,7 +138,7 @@ def format_counts(counts: Mapping[str, Mapping[str, int]]) -> str:
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     """Whether the builder's folder already holds finished data (TFDS writes it atomically)."""
-    return os.path.isfile(os.path.join(os.fspath(builder.data_dir), "dataset_info.json"))
+    return (epath.Path(builder.data_dir) / "dataset_info.json").is_file()
 
 
 def main(argv: list[str]) -> None:

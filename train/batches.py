@@ -129,3 +129,30 @@ def make_sft_producer(config, prepared, model) -> GrainProducer:
         prefetch=d.prefetch,
     )
     return GrainProducer(dataset)
+
+
+@register("rm")
+def make_rm_producer(config, prepared, model) -> GrainProducer:
+    """Packed reward-model batches (data.rm_builder), built from the SFT policy if missing."""
+    del model
+    from data.rm_builder import make_rm_dataset
+    from rl.rm_data import load_rm_split
+
+    dataset = make_rm_dataset(
+        load_rm_split(config, prepared, "train"),
+        seq_len=config.data.seq_len,
+        batch_size=local_batch_size(config.batch_size),
+        pad_id=prepared.tokenizer.pad_id,
+        seed=config.seed,
+        shuffle=config.data.shuffle,
+        soft_targets=config.rm_data.soft_targets,
+    )
+    return GrainProducer(dataset)
+
+
+# RL producers: a rollout phase with the current parameters (rl/rollout.py), one per kind of
+# training rows (PPO, GRPO, expert iteration, preference pairs), registered as rollout_<kind>.
+from rl import rollout as _rollout  # noqa: E402
+
+for _kind in _rollout.KINDS:
+    register(f"rollout_{_kind}")(_rollout.producer_factory(_kind))

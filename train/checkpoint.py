@@ -8,7 +8,8 @@ Each checkpoint step holds three items:
     that a resumed run sees exactly the batch it would have seen.
 Orbax writes each step to a temporary folder and renames it when complete, so a run killed
 mid-save leaves the previous steps intact. Restoring against abstract arrays that carry
-shardings reshards on the fly, so a checkpoint from one mesh loads onto another.
+shardings reshards on the fly, so a checkpoint from one mesh loads onto another. The
+workdir may be local or a gs:// URI.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from data.build import is_remote
 from train.step import TrainState
+
+
+def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
+    """`workdir/checkpoints`, made absolute when local (Orbax wants absolute paths)."""
+    path = epath.Path(workdir) / "checkpoints"
+    return path if is_remote(path) else epath.Path(os.path.abspath(path))
 
 
 def make_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -29,7 +38,7 @@ def make_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.Checkpoint
         create=True,
     )
     return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        checkpoint_dir(workdir),
         item_names=("params", "train", "data"),
         options=options,
     )
@@ -76,10 +85,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, data_arg
 
 def latest_step(workdir: str) -> int | None:
     """The newest complete checkpoint step in `workdir`, or None."""
-    path = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(path):
+    path = checkpoint_dir(workdir)
+    if not path.is_dir():
         return None
-    with ocp.CheckpointManager(os.path.abspath(path), item_names=("params",)) as manager:
+    with ocp.CheckpointManager(path, item_names=("params",)) as manager:
         return manager.latest_step()
 
 
@@ -89,8 +98,8 @@ def load_params(workdir: str, abstract_params=None, step: int | None = None):
     With `abstract_params` (ShapeDtypeStructs with shardings) the arrays land sharded;
     without, they land on the default device with the saved shapes.
     """
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(path):
+    path = checkpoint_dir(workdir)
+    if not path.is_dir():
         raise FileNotFoundError(f"No checkpoints in {workdir}: run train.main there first")
     with ocp.CheckpointManager(path, item_names=("params",)) as manager:
         step = manager.latest_step() if step is None else step

@@ -71,6 +71,16 @@ def evaluate(params, model_cfg, tokenizer, records: list[dict], eval_config, *, 
         by_task[problem.task].append(row)
     result = summarize(rows)
     result["per_task"] = {task: summarize(task_rows) for task, task_rows in sorted(by_task.items())}
+    # One small row per problem, so reports can relate thought length to correctness.
+    result["per_problem"] = [
+        {
+            "task": p.task,
+            "correct": r["correct"],
+            "well_formed": r["well_formed"],
+            "thought_tokens": r["thought_tokens"],
+        }
+        for p, r in zip(problems, rows, strict=True)
+    ]
     result["samples"] = [
         {
             "task": p.task,
@@ -157,6 +167,123 @@ def format_table(result: dict) -> str:
         f"{result['mean_thought_tokens']:>13.1f}{result['num_problems']:>6}"
     )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- reward models
+
+
+def average_ranks(x) -> np.ndarray:
+    """1-based ranks of the values of x; tied values share the mean of their ranks."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    order = np.argsort(x, kind="stable")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(x.size, np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def roc_auc(scores, labels) -> float | None:
+    """ROC AUC by the Mann-Whitney rank formula (ties count half); None without both classes."""
+    positive = np.asarray(labels, np.float64).reshape(-1) >= 0.5
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    rank_sum = average_ranks(scores)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def first_error_hit(step_probs, step_labels, step_mask) -> bool | None:
+    """Whether the first step scored < 0.5 is the first step labelled wrong (None: none is)."""
+    wrong = np.flatnonzero((np.asarray(step_mask) > 0) & (np.asarray(step_labels) < 0.5))
+    if not wrong.size:
+        return None
+    flagged = np.flatnonzero(np.asarray(step_probs) < 0.5)
+    return bool(flagged.size and flagged[0] == wrong[0])
+
+
+def reward_metrics(rows: list[dict]) -> dict:
+    """ORM/PRM AUC and accuracy at 0.5, and first-error localization, over scored records."""
+    final = np.asarray([r["final"] for r in rows], np.float64)
+    orm = np.asarray([r["orm_label"] for r in rows], np.float64)
+    mask = np.concatenate([r["step_mask"] for r in rows] or [np.zeros(0)]) > 0
+    probs = np.concatenate([r["steps"] for r in rows] or [np.zeros(0)])[mask]
+    labels = np.concatenate([r["step_labels"] for r in rows] or [np.zeros(0)])[mask]
+    hits = [first_error_hit(r["steps"], r["step_labels"], r["step_mask"]) for r in rows]
+    hits = [h for h in hits if h is not None]  # traces with a step labelled wrong
+    return {
+        "orm_auc": roc_auc(final, orm),
+        "orm_accuracy": float(np.mean((final >= 0.5) == (orm >= 0.5))) if rows else None,
+        "prm_auc": roc_auc(probs, labels),
+        "prm_accuracy": float(np.mean((probs >= 0.5) == (labels >= 0.5))) if probs.size else None,
+        "first_error_accuracy": float(np.mean(hits)) if hits else None,
+        "num_records": len(rows),
+        "num_steps": int(mask.sum()),
+        "num_wrong_traces": len(hits),
+    }
+
+
+def evaluate_reward_model(rm, records: list[dict], *, batch_size: int) -> dict:
+    """Scores every RM record with `rm` (rl.reward_model) and compares with its labels.
+
+    Both the last-token (ORM) and the step-end (PRM) numbers are computed for either kind
+    of model; the ones of the other kind show how far its head transfers. AUCs are None
+    when a set lacks one of the classes.
+    """
+    from rl.reward_model import score_tokens
+
+    cuts = [int(r["prompt_length"]) for r in records]
+    scores = score_tokens(
+        rm,
+        [r["tokens"][:cut] for r, cut in zip(records, cuts, strict=True)],
+        [r["tokens"][cut:] for r, cut in zip(records, cuts, strict=True)],
+        batch_size=batch_size,
+    )
+    rows = []
+    for record, score in zip(records, scores, strict=True):
+        if score.steps.size != len(record["step_labels"]):
+            raise ValueError(
+                f"a {record['source']} record has {len(record['step_labels'])} step labels but "
+                f"{score.steps.size} step ends: was it built with another tokenizer?"
+            )
+        rows.append(
+            {
+                "source": record["source"],
+                "final": score.final,
+                "steps": score.steps,
+                "orm_label": record["orm_label"],
+                "step_labels": np.asarray(record["step_labels"], np.float64),
+                "step_mask": np.asarray(record["step_mask"], np.float64),
+            }
+        )
+    result = reward_metrics(rows)
+    result["kind"] = rm.kind
+    result["per_source"] = {
+        source: reward_metrics([r for r in rows if r["source"] == source])
+        for source in sorted({r["source"] for r in rows})
+    }
+    return result
+
+
+@register_evaluation("reward")
+def make_reward_evaluation(config, prepared, model_cfg, model) -> EvalFn:
+    """A reward model on the held-out RM data (rl.rm_data's "validation" split)."""
+    del model
+    from rl.reward_model import RewardModel
+    from rl.rm_data import load_rm_split
+
+    records = []  # loaded on first use, then reused
+
+    def eval_fn(params, step: int) -> dict:
+        del step
+        if not records:
+            source = load_rm_split(config, prepared, "validation")
+            records.extend(source[i] for i in range(len(source)))
+        rm = RewardModel(config.objective, params, model_cfg, prepared.tokenizer)
+        result = evaluate_reward_model(rm, records, batch_size=config.eval.batch_size)
+        logging.info("Reward evaluation: %s", scalar_summary(result))
+        return result
+
+    return eval_fn
 
 
 def main(argv):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import time
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from model import sharding as sharding_lib
 from model.transformer import Transformer
@@ -76,7 +78,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.objective` in `workdir` (resuming if it holds a checkpoint)."""
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or gs://...
     objective = get_objective(config.objective)
     setup = build(config, workdir)
     workdir_lib.write_config(workdir, workdir_lib.resolved_config(config, setup.model_cfg))
@@ -138,6 +140,8 @@ def _loop(config, workdir, setup: Setup, objective, state, step_fn, producer, ma
     try:
         for step in range(start, config.num_steps):
             local = producer.next(state)
+            if step == start and jax.process_count() > 1:
+                _log_row_digests(local)
             batch = batches_lib.to_global(local, setup.mesh, setup.rules)
             state, step_metrics = step_fn(state, batch)
             # Log step n-1 while step n runs; the tokens count padding too (MFU numerator).
@@ -155,7 +159,9 @@ def _loop(config, workdir, setup: Setup, objective, state, step_fn, producer, ma
                 evaluator(state.params, done)
         logger.flush()
         manager.wait_until_finished()
-        return evaluator(state.params, config.num_steps)
+        result = evaluator(state.params, config.num_steps)
+        _write_report(workdir)
+        return result
     finally:
         writer.close()
 
@@ -200,6 +206,29 @@ class _Window:
     tokens: int = 0
 
 
+def _write_report(workdir: str) -> None:
+    """Writes report.md and its plots (process 0); a plotting failure never fails a run."""
+    if jax.process_index() != 0:
+        return
+    from train.report import write_report
+
+    try:
+        logging.info("Report: %s", write_report(workdir))
+    except Exception:  # noqa: BLE001 - the run itself succeeded; say why the report did not
+        logging.exception("Could not write the report for %s", workdir)
+
+
+def _log_row_digests(local: dict) -> None:
+    """Logs a short hash of each input row, so a multi-host run shows its hosts' rows differ."""
+    digests = [hashlib.sha1(row.tobytes()).hexdigest()[:12] for row in np.asarray(local["inputs"])]
+    logging.info(
+        "Process %d of %d, first batch rows: %s",
+        jax.process_index(),
+        jax.process_count(),
+        " ".join(digests),
+    )
+
+
 def _log(writer, pending, window: _Window, config, peak, flops_per_token, workdir, manager):
     """Reads one finished step's metrics on the host, checks them, and logs them."""
     step, device_metrics, tokens, host_metrics = pending
@@ -236,11 +265,17 @@ class _Evaluator:
             objective.evaluation, config, setup.prepared, setup.model_cfg, setup.model
         )
         self.workdir, self.writer = workdir, writer
+        # Every process scores every generation, so with several processes the evaluation
+        # keeps whole batches on each of them: rows split over hosts could not be fetched.
+        self.mesh, self.rules = setup.mesh, setup.rules
+        if jax.process_count() > 1:
+            self.rules = tuple(rule for rule in setup.rules if rule[0] != "batch")
 
     def __call__(self, params, step: int) -> dict:
         from train.evaluate import scalar_summary, write_eval
 
-        result = self.eval_fn(params, step)
+        with sharding_lib.use_rules(self.mesh, self.rules):
+            result = self.eval_fn(params, step)
         if jax.process_index() == 0:
             write_eval(self.workdir, result, step)
             summary = scalar_summary(result)

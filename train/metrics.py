@@ -1,20 +1,24 @@
 """Run metrics: `metrics.jsonl`, TensorBoard events, a progress bar, and the matmul peak.
 
-Only JAX process 0 writes. `metrics.jsonl` holds one JSON object per logged step; a run
-that resumes from a checkpoint first drops the lines logged after that checkpoint, so the
-file always reads as one uninterrupted run.
+Only JAX process 0 writes; the other processes log their (identical) loss instead.
+`metrics.jsonl` holds one JSON object per logged step; a run that resumes from a checkpoint
+first drops the lines logged after that checkpoint, so the file always reads as one
+uninterrupted run. The workdir may be local or a gs:// URI.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
+
+from data.build import is_remote
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
@@ -42,7 +46,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, total_steps: int, start_step: int, progress: bool):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
         self._tb = None
         self._progress = None
         if not self.enabled:
@@ -50,7 +54,7 @@ class MetricsWriter:
         truncate_metrics(self.path, start_step)
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(logdir=workdir)
+        self._tb = SummaryWriter(logdir=str(workdir))
         if progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -68,10 +72,11 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         """Logs one step's metrics (host values) everywhere."""
         if not self.enabled:
+            # Every process computed the same replicated metrics; its log shows they agree.
+            logging.info("Process %d, step %d: loss %r", jax.process_index(), step, metrics["loss"])
             return
         record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)
@@ -96,19 +101,27 @@ class MetricsWriter:
             self._tb.close()
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
-    """Drops lines with step > last_step (logged after the checkpoint we resume from)."""
-    if not os.path.exists(path):
+def append_line(path: epath.PathLike, line: str) -> None:
+    """Appends `line` to a text file; cloud objects can't be appended to, so those are rewritten."""
+    path = epath.Path(path)
+    if is_remote(path):
+        path.write_text((path.read_text() if path.exists() else "") + line)
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    with path.open("a") as f:
+        f.write(line)
+
+
+def truncate_metrics(path: epath.PathLike, last_step: int) -> None:
+    """Drops lines with step > last_step (logged after the checkpoint we resume from)."""
+    path = epath.Path(path)
+    if not path.exists():
+        return
+    lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
     if len(kept) != len(lines):
-        with open(path, "w") as f:
-            f.writelines(kept)
+        path.write_text("".join(kept))
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: epath.PathLike) -> list[dict]:
     """All records of a metrics.jsonl file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]

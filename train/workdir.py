@@ -1,19 +1,19 @@
 """A run's workdir: the resolved config, and everything inference needs to load a run.
 
 Files (see DESIGN.md, "Public contract"): config.json, metrics.jsonl, checkpoints/,
-tokenizer.model, eval.json and TensorBoard events.
+tokenizer.model, eval.json and TensorBoard events. A workdir is a local path or a URI
+(gs://bucket/run): every file goes through `etils.epath`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from model.config import ModelConfig, get_preset
 
@@ -38,17 +38,17 @@ def resolved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes config.json (process 0 only)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        epath.Path(workdir, CONFIG_FILE).write_text(
+            config.to_json_best_effort(indent=2, sort_keys=True)
+        )
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into `workdir`."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir, CONFIG_FILE)
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a train.main workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -58,11 +58,11 @@ def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def copy_tokenizer(src_workdir: str, dst_workdir: str) -> None:
     """Copies tokenizer.model between workdirs (later stages reuse the SFT tokenizer)."""
-    src = os.path.join(src_workdir, TOKENIZER_FILE)
-    if not os.path.exists(src):
+    src = epath.Path(src_workdir, TOKENIZER_FILE)
+    if not src.exists():
         raise FileNotFoundError(f"{src} not found")
     if jax.process_index() == 0:
-        shutil.copyfile(src, os.path.join(dst_workdir, TOKENIZER_FILE))
+        epath.Path(dst_workdir, TOKENIZER_FILE).write_bytes(src.read_bytes())
 
 
 @dataclasses.dataclass
@@ -82,6 +82,6 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     from train.checkpoint import load_params
 
     config = read_config(workdir)
-    tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+    tokenizer = Tokenizer.from_proto(epath.Path(workdir, TOKENIZER_FILE).read_bytes())
     params, step = load_params(workdir, step=step)
     return LoadedRun(config, model_config_of(config), params, tokenizer, step)

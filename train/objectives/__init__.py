@@ -62,4 +62,4 @@ def get_objective(name: str) -> Objective:
 
 
 # Importing the modules registers their objectives.
-from train.objectives import sft  # noqa: E402,F401
+from train.objectives import reward, rl, sft  # noqa: E402,F401

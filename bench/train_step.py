@@ -1,0 +1,328 @@
+"""Tokens/s and MFU of the real jitted SFT train step, by model size and variant.
+
+    python -m bench.train_step --out=bench/results/train_step.json
+    python -m bench.train_step --quick --out=/tmp/train_step.json
+
+The step is built as train/loop.py builds it: `train.step.train_step` with the `sft`
+objective's loss, `train.optim.make_optimizer` and a sharded `train.state`, jitted with the
+state donated. Batches are synthetic packed rows (4 examples per row, every target trained),
+which cost exactly what real batches of the same shape cost. Per size it times three passes:
+
+  forward           the SFT loss (no gradient)      model FLOPs: flops_per_token / 3
+  forward+backward  its gradient (no optimizer)     model FLOPs: flops_per_token
+  train step        gradient + AdamW update         model FLOPs: flops_per_token
+
+MFU = tokens/s x model FLOPs per token / the matmul peak of the row's compute dtype. The
+float32 and bfloat16 peaks are measured right before and right after each row (the higher
+is kept), so a change of machine load between rows does not skew their MFU. Variant rows
+rerun the train step at one size with one change each; "vs default" is their step
+tokens/s over that size's default row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from bench import common
+from data.pipeline import TARGET_MASKS
+from model import sharding as sharding_lib
+from model.config import ModelConfig, get_preset
+from model.transformer import Transformer
+from train.batches import to_global
+from train.configs import sft
+from train.objectives import get_objective
+from train.optim import make_optimizer
+from train.state import init_state, param_shardings, state_shardings
+from train.step import train_step
+
+FLAGS = flags.FLAGS
+
+# Each variant changes one ModelConfig field against the preset (scanned layers, no remat,
+# float32 compute).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "no_scan": {"scan_layers": False},
+    "remat_full": {"remat": "full"},
+    "remat_dots": {"remat": "dots_saveable"},
+    "bf16": {"dtype": "bfloat16"},
+}
+PASSES = ("forward", "forward_backward", "train_step")
+# Model FLOPs per token of each pass, as a fraction of ModelConfig.flops_per_token.
+PASS_FLOPS = {"forward": 1 / 3, "forward_backward": 1.0, "train_step": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to measure."""
+
+    sizes: tuple[str, ...]
+    batch_sizes: dict[str, int]
+    seq_len: int
+    variants: tuple[str, ...]
+    variant_size: str
+    warmup: int
+    repeats: int
+    peak_n: int
+
+
+def settings_from_flags() -> Settings:
+    """The flags' settings, or the tiny ones under --quick."""
+    if FLAGS.quick:
+        # One variant only: every compile costs seconds on a loaded CPU.
+        return Settings(("tiny",), {"tiny": 8}, 64, ("no_scan",), "tiny", 1, 2, 256)
+    batch_sizes = {}
+    for item in FLAGS.batch_sizes:
+        name, _, value = item.partition(":")
+        if not value.isdigit() or int(value) < 1:
+            raise app.UsageError(f"--batch_sizes items look like base:8, got {item!r}")
+        batch_sizes[name] = int(value)
+    missing = sorted({*FLAGS.sizes, FLAGS.variant_size} - set(batch_sizes))
+    if missing:
+        raise app.UsageError(f"--batch_sizes has no batch for {missing}; add e.g. {missing[0]}:8")
+    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+    if unknown:
+        raise app.UsageError(f"unknown --variants {unknown}; choose from {sorted(VARIANTS)}")
+    return Settings(
+        tuple(FLAGS.sizes),
+        batch_sizes,
+        FLAGS.seq_len,
+        tuple(FLAGS.variants),
+        FLAGS.variant_size,
+        FLAGS.warmup,
+        FLAGS.repeats,
+        2048,
+    )
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def synthetic_batch(
+    batch_size: int, seq_len: int, vocab_size: int, segments_per_row: int = 4, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A packed SFT batch of random tokens with the pipeline's keys; every target is trained."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, seq_len)
+    segment_len = -(-seq_len // segments_per_row)
+    index_L = np.arange(seq_len, dtype=np.int32)
+    tokens_BxL1 = rng.integers(1, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    batch = {
+        "inputs": np.ascontiguousarray(tokens_BxL1[:, :-1]),
+        "targets": np.ascontiguousarray(tokens_BxL1[:, 1:]),
+        "positions": np.tile(index_L % segment_len, (batch_size, 1)),
+        "segment_ids": np.tile(1 + index_L // segment_len, (batch_size, 1)),
+        "step_end_mask": np.zeros(shape, np.int32),
+    }
+    batch.update({key: np.zeros(shape, np.float32) for key in TARGET_MASKS})
+    batch["loss_mask"][:] = 1.0
+    batch["thoughts_mask"][:] = 1.0
+    return batch
+
+
+@dataclasses.dataclass
+class Harness:
+    """What train/loop.py builds for one model: state, jitted step, loss, mesh and rules."""
+
+    model_cfg: ModelConfig
+    state: Any  # train.step.TrainState, sharded
+    step_fn: Any  # the jitted train step; donates the state
+    loss_fn: Any  # loss_fn(params, batch, rng) -> (loss, metrics)
+    mesh: Any
+    rules: Any
+
+
+def make_harness(model_cfg: ModelConfig, config) -> Harness:
+    """Builds the train state and jitted step of `config.objective` for `model_cfg`."""
+    objective = get_objective(config.objective)
+    model = Transformer(model_cfg, heads=objective.heads)
+    mesh = sharding_lib.make_mesh(dict(config.mesh))
+    rules = sharding_lib.get_rules(config.sharding_rules)
+    abstract_params, p_shardings = param_shardings(model, mesh, rules)
+    tx, schedule = make_optimizer(config.optimizer, config.num_steps, abstract_params)
+    _, shardings = state_shardings(abstract_params, p_shardings, tx, mesh)
+    loss_fn = objective.make_loss(config, model)
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            loss_fn=loss_fn,
+            tx=tx,
+            schedule=schedule,
+            accum_steps=config.grad_accum_steps,
+        ),
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    state = init_state(model, tx, config.seed, shardings)
+    return Harness(model_cfg, state, step_fn, loss_fn, mesh, rules)
+
+
+def model_config(size: str, seq_len: int, **overrides: Any) -> ModelConfig:
+    """Preset `size` with room for seq_len tokens and `overrides` applied."""
+    preset = get_preset(size)
+    return get_preset(size, max_seq_len=max(preset.max_seq_len, seq_len), **overrides)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(
+    harness: Harness, batch_np: dict[str, np.ndarray], passes, *, warmup: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """{pass: timing, compile_s, temp_bytes} for each of `passes` on one batch.
+
+    Train steps donate the state, so `harness.state` is replaced by the stepped one.
+    """
+    rng = jax.random.PRNGKey(0)
+    results = {}
+    with sharding_lib.use_rules(harness.mesh, harness.rules):
+        batch = to_global(batch_np, harness.mesh, harness.rules)
+        for name in passes:
+            if name == "train_step":
+                compiled, compile_s = common.time_compile(harness.step_fn, harness.state, batch)
+                timing, harness.state = common.time_steps(
+                    compiled, harness.state, batch, warmup=warmup, repeats=repeats
+                )
+            else:
+                fn = harness.loss_fn
+                if name == "forward_backward":
+                    fn = jax.value_and_grad(fn, has_aux=True)
+                params = harness.state.params
+                compiled, compile_s = common.time_compile(jax.jit(fn), params, batch, rng)
+                timing = common.time_call(
+                    compiled, params, batch, rng, warmup=warmup, repeats=repeats
+                )
+            memory = compiled.memory_analysis()
+            results[name] = {
+                **timing.to_json(),
+                "compile_s": compile_s,
+                "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+            }
+    return results
+
+
+def throughput(
+    model_cfg: ModelConfig, tokens: int, seq_len: int, timings: dict, peaks: dict[str, float]
+) -> dict[str, Any]:
+    """Per pass: tokens/s (best call) and MFU against each measured peak."""
+    flops_per_token = model_cfg.flops_per_token(seq_len)
+    out = {}
+    for name, timing in timings.items():
+        tokens_per_s = tokens / timing["best_s"]
+        flops_per_s = tokens_per_s * flops_per_token * PASS_FLOPS[name]
+        out[name] = {
+            **timing,
+            "tokens_per_s": tokens_per_s,
+            "model_flops_per_s": flops_per_s,
+            "mfu": {dtype: flops_per_s / peak for dtype, peak in peaks.items()},
+        }
+    return out
+
+
+def bench_row(
+    label: str, model_cfg: ModelConfig, batch_size: int, settings: Settings, passes
+) -> dict[str, Any]:
+    """One row of the table: model, batch, the measured passes and the peaks around them."""
+    config = sft.get_config()
+    batch_np = synthetic_batch(batch_size, settings.seq_len, model_cfg.vocab_size)
+    harness = make_harness(model_cfg, config)
+    before = common.matmul_peaks(settings.peak_n)
+    timings = measure(harness, batch_np, passes, warmup=settings.warmup, repeats=settings.repeats)
+    after = common.matmul_peaks(settings.peak_n)
+    peaks = {dtype: max(before[dtype], after[dtype]) for dtype in before}
+    tokens = batch_size * settings.seq_len
+    return {
+        "label": label,
+        "model": dataclasses.asdict(model_cfg),
+        "params": model_cfg.num_params(),
+        "batch_size": batch_size,
+        "seq_len": settings.seq_len,
+        "tokens_per_batch": tokens,
+        "flops_per_token": model_cfg.flops_per_token(settings.seq_len),
+        "peaks_flops": peaks,
+        "passes": throughput(model_cfg, tokens, settings.seq_len, timings, peaks),
+    }
+
+
+def table_row(row: dict[str, Any], default: dict[str, Any] | None) -> dict[str, Any]:
+    """The printed cells of a result row; MFU is against the peak of its compute dtype."""
+    dtype = row["model"]["dtype"]
+    cells = {"label": row["label"], "params_m": row["params"] / 1e6, "batch": row["batch_size"]}
+    for name, result in row["passes"].items():
+        cells[f"{name}_tps"] = result["tokens_per_s"]
+        cells[f"{name}_mfu"] = result["mfu"][dtype]
+    step = row["passes"]["train_step"]
+    cells["step_ms"] = 1e3 * step["best_s"]
+    cells["compile_s"] = step["compile_s"]
+    if step["temp_bytes"] is not None:
+        cells["temp_mb"] = step["temp_bytes"] / 2**20
+    if default is not None:
+        cells["vs_default"] = step["tokens_per_s"] / default["passes"]["train_step"]["tokens_per_s"]
+    return cells
+
+
+COLUMNS = (
+    ("label", "model", ""),
+    ("params_m", "params M", ".2f"),
+    ("batch", "batch", "d"),
+    ("forward_tps", "fwd tok/s", "si"),
+    ("forward_mfu", "fwd MFU", ".1%"),
+    ("forward_backward_tps", "fwd+bwd tok/s", "si"),
+    ("forward_backward_mfu", "fwd+bwd MFU", ".1%"),
+    ("train_step_tps", "step tok/s", "si"),
+    ("train_step_mfu", "step MFU", ".1%"),
+    ("step_ms", "step ms", ".1f"),
+    ("vs_default", "vs default", ".2f"),
+    ("temp_mb", "temp MiB", ".0f"),
+    ("compile_s", "compile s", ".1f"),
+)
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Measures every size and variant; returns the results (settings and rows)."""
+    rows, defaults = [], {}
+    for size in settings.sizes:
+        cfg = model_config(size, settings.seq_len)
+        row = bench_row(size, cfg, settings.batch_sizes[size], settings, PASSES)
+        rows.append(row)
+        defaults[size] = row
+        print(f"  measured {size}", flush=True)
+    for variant in settings.variants:
+        size = settings.variant_size
+        cfg = model_config(size, settings.seq_len, **VARIANTS[variant])
+        label = f"{size} {variant}"
+        rows.append(bench_row(label, cfg, settings.batch_sizes[size], settings, ("train_step",)))
+        print(f"  measured {label}", flush=True)
+    cells = [table_row(row, defaults.get(row["label"].split()[0])) for row in rows]
+    print(common.format_table(cells, COLUMNS))
+    for dtype in common.PEAK_DTYPES:
+        peaks = [row["peaks_flops"][dtype] for row in rows]
+        print(
+            f"{dtype} matmul peak (jnp.dot {settings.peak_n}^2): "
+            f"{common.format_si(min(peaks))}-{common.format_si(max(peaks))}FLOP/s over the rows"
+        )
+    return {"settings": dataclasses.asdict(settings), "rows": rows}
+
+
+def main(argv: list[str]) -> None:
+    """Runs the benchmark and writes --out."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.write_results(FLAGS.out, run(settings_from_flags()))
+
+
+if __name__ == "__main__":
+    common.define_common_flags()
+    flags.DEFINE_list("sizes", ["tiny", "small", "base"], "Model presets, smallest first.")
+    flags.DEFINE_list("batch_sizes", ["tiny:32", "small:16", "base:8"], "Rows per batch by size.")
+    flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
+    flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run: {sorted(VARIANTS)}.")
+    flags.DEFINE_string("variant_size", "base", "The size the variants change.")
+    flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
+    flags.DEFINE_integer("repeats", 3, "Timed calls; rates use the fastest.")
+    app.run(main)

@@ -1,0 +1,156 @@
+"""Before/after: SFT vs RL policy, greedy and pass@n, at the training difficulty and one harder.
+
+    python -m rl.compare --workdir=workdirs/rl     # the table of a finished RL run
+
+Problems are held out: the training difficulty uses the test split of the RL run's data, the
+harder level fresh problems of `rl.compare.harder_task` with `harder_knobs` whose prompts are
+not in the train split. The RL objectives' evaluation ("rl") runs this at the end of a run
+and prints the table; at intermediate evaluations it scores the policy greedily only.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from data.builder import canonical_prompt, load_split, record_to_problem
+from data.tasks import generate_problems
+from data.tasks.base import Problem
+from rl.generate import generate
+from rl.rewards import verify_response
+from rl.search import pass_at_n
+from train.evaluate import register_evaluation
+
+TRAIN_LEVEL, HARDER_LEVEL = "train difficulty", "harder"
+
+
+def held_out_levels(config, prepared) -> dict[str, list[Problem]]:
+    """{level name: problems}: the test split's first problems, and harder unseen problems."""
+    c = config.rl.compare
+    test = load_split(prepared.builder, "test")
+    level = [record_to_problem(test[i]) for i in range(min(c.num_problems, len(test)))]
+    train = load_split(prepared.builder, config.rl.split)
+    seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
+    seen |= {canonical_prompt(p.prompt) for p in level}
+    mix = {c.harder_task: {"weight": 1.0, "knobs": dict(c.harder_knobs)}}
+    drawn = generate_problems(mix, 2 * c.num_problems, config.data.seed + 1, "test")
+    harder = [p for p in drawn if canonical_prompt(p.prompt) not in seen][: c.num_problems]
+    return {TRAIN_LEVEL: level, HARDER_LEVEL: harder}
+
+
+def policy_scores(params, model_cfg, tokenizer, problems, compare_config, max_new_tokens, *,
+                  samples: bool = True, seed: int = 0) -> dict[str, float]:
+    """Greedy accuracy, and (with `samples`) sampled pass@1 and pass@n of one policy."""
+    c = compare_config
+    questions = [p.prompt for p in problems]
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=c.batch_size)
+    greedy = generate(params, model_cfg, tokenizer, questions, greedy=True, **kwargs)
+    scores = {"greedy": float(np.mean([verify_response(p, g[0].text) for p, g in zip(problems, greedy, strict=True)]))}
+    if samples:
+        sampled = generate(
+            params,
+            model_cfg,
+            tokenizer,
+            questions,
+            greedy=False,
+            num_samples=c.num_samples,
+            temperature=c.temperature,
+            rng=jax.random.PRNGKey(seed),
+            **kwargs,
+        )
+        correct_PxN = np.asarray(
+            [[verify_response(p, s.text) for s in row] for p, row in zip(problems, sampled, strict=True)]
+        )
+        scores["pass@1"] = float(correct_PxN.mean())
+        scores[f"pass@{c.num_samples}"] = float(np.mean(pass_at_n(correct_PxN, c.num_samples)))
+    return scores
+
+
+def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    """{level: {policy: scores}} as aligned text, one row per (level, policy)."""
+    columns = sorted({k for by_policy in table.values() for s in by_policy.values() for k in s})
+    columns.sort(key=lambda k: (k != "greedy", len(k), k))
+    lines = [f"{'level':<18}{'policy':<8}" + "".join(f"{k:>10}" for k in columns)]
+    for level, by_policy in table.items():
+        for policy, scores in by_policy.items():
+            cells = "".join(f"{scores[k]:>10.3f}" if k in scores else f"{'-':>10}" for k in columns)
+            lines.append(f"{level:<18}{policy:<8}{cells}")
+    return "\n".join(lines)
+
+
+def compare(policies: dict, model_cfg, tokenizer, levels, config) -> dict:
+    """{level: {policy name: scores}} for every policy and level."""
+    return {
+        level: {
+            name: policy_scores(
+                params, model_cfg, tokenizer, problems, config.rl.compare,
+                config.rl.max_new_tokens, seed=config.seed + 1,
+            )
+            for name, params in policies.items()
+        }
+        for level, problems in levels.items()
+    }
+
+
+def reference_params(config, like=None):
+    """The SFT policy's parameters (rl.ref_from, else init_from), placed like `like`."""
+    from rl.rollout import load_trunk
+
+    return load_trunk(config.rl.ref_from or config.init_from, like)
+
+
+@register_evaluation("rl")
+def make_rl_evaluation(config, prepared, model_cfg, model):
+    """Greedy accuracy during the run; at the end, the SFT vs RL table (printed).
+
+    `rl.compare.num_problems = 0` switches the evaluation off.
+    """
+    del model
+    levels = {}
+
+    def eval_fn(params, step: int) -> dict:
+        if not config.rl.compare.num_problems:
+            return {}  # evaluation switched off (quick test runs)
+        if not levels:
+            levels.update(held_out_levels(config, prepared))
+        tokenizer, c = prepared.tokenizer, config.rl.compare
+        if step < config.num_steps:
+            scores = policy_scores(
+                params, model_cfg, tokenizer, levels[TRAIN_LEVEL], c,
+                config.rl.max_new_tokens, samples=False,
+            )
+            return {"accuracy": scores["greedy"]}
+        policies = {"SFT": reference_params(config, like=params), "RL": params}
+        table = compare(policies, model_cfg, tokenizer, levels, config)
+        text = format_table(table)
+        print(f"Before/after RL ({config.objective}):\n{text}", flush=True)
+        rl_train, rl_harder = table[TRAIN_LEVEL]["RL"], table[HARDER_LEVEL]["RL"]
+        return {
+            "accuracy": rl_train["greedy"],
+            f"pass_at_{c.num_samples}": rl_train[f"pass@{c.num_samples}"],
+            "harder_accuracy": rl_harder["greedy"],
+            "sft_accuracy": table[TRAIN_LEVEL]["SFT"]["greedy"],
+            "compare": table,
+            "table": text,
+        }
+
+    return eval_fn
+
+
+def main(argv):
+    """Prints the before/after table of the RL run in --workdir."""
+    del argv
+    from data.build import prepare
+    from train.workdir import load_run
+
+    run = load_run(flags.FLAGS.workdir)
+    prepared = prepare(run.config.data, flags.FLAGS.workdir, verbose=False)
+    levels = held_out_levels(run.config, prepared)
+    policies = {"SFT": reference_params(run.config), "RL": run.params}
+    print(format_table(compare(policies, run.model_cfg, run.tokenizer, levels, run.config)))
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A finished RL run (train.main --config=rl.py).", required=True)
+    app.run(main)

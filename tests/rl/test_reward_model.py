@@ -1,0 +1,157 @@
+"""The reward-model scoring API: step ends in token streams, padded batched scoring."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from data import format as fmt
+from data import tasks
+from data.tokenizer import train_tokenizer
+from model import config as model_config
+from model import transformer
+from rl import reward_model
+from rl.generate import user_prompt_tokens
+from rl.reward_model import RewardModel, score_texts, score_tokens, step_end_positions
+
+
+@pytest.fixture(scope="module")
+def problems():
+    mix = {
+        "addition": {"weight": 1.0, "knobs": {"digits": 3}},
+        "letter_count": {"weight": 1.0, "knobs": {}},
+    }
+    return tasks.generate_problems(mix, 16, 1, "train")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(problems):
+    return train_tokenizer(
+        [fmt.render_dialogue(fmt.problem_to_dialogue(p)) for p in problems], vocab_size=400
+    )
+
+
+@pytest.fixture(scope="module")
+def rm(tokenizer):
+    """A random tiny decoder with a reward head, over this tokenizer's vocabulary."""
+    cfg = dataclasses.replace(
+        model_config.get_preset("tiny"), vocab_size=tokenizer.vocab_size, max_seq_len=512
+    )
+    # Random weights of the right shapes: any weights do here, and tracing is far cheaper
+    # than compiling the initializer.
+    shapes = jax.eval_shape(
+        lambda key: transformer.init_params(cfg, key, heads=("reward",)), jax.random.PRNGKey(0)
+    )
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(s.dtype), shapes)
+    return RewardModel("prm", params, cfg, tokenizer)
+
+
+def ids(text, tokenizer) -> list[int]:
+    return tokenizer.encode(text)
+
+
+# ---------------------------------------------------------------------------- step ends
+
+
+def test_step_ends_match_encode_dialogue(problems, tokenizer):
+    for problem in problems:
+        encoded = fmt.encode_dialogue(fmt.problem_to_dialogue(problem), tokenizer)
+        np.testing.assert_array_equal(
+            step_end_positions(encoded.tokens, tokenizer), np.flatnonzero(encoded.step_end)
+        )
+        assert encoded.num_steps == len(problem.steps)
+
+
+@pytest.mark.parametrize(
+    "text, steps",
+    [
+        ("plain\ntext\n", []),  # no thoughts span
+        ("<|thoughts|>a\nb\n<|summary|>s\n<|end_thinking_block|>\nx\n", ["a", "b"]),
+        ("<|thoughts|>a\nb\nc", ["a", "b"]),  # cut off inside thoughts: the last has no end
+        ("<|thoughts|>a\n<|eot_id|>b\n", ["a"]),  # closed by <|eot_id|>
+        ("<|thoughts|>a\n<|end_thinking_block|>b\n", ["a"]),
+        ("<|thoughts|>a\n<|headline|>h\n<|thoughts|>b\n", ["a", "b"]),  # any marker closes
+        ("<|summary|>s\n<|thoughts|>\n\n", ["", ""]),  # empty steps are steps
+        (
+            "<|thoughts|>a\n<|summary|>s\n<|end_thinking_block|>\n"
+            "<|thinking_block|><|headline|>h\n<|thoughts|>b\n<|summary|>t\n",
+            ["a", "b"],
+        ),  # two blocks
+        ("", []),
+    ],
+)
+def test_step_ends_on_broken_streams(tokenizer, text, steps):
+    tokens = ids(text, tokenizer)
+    ends = step_end_positions(tokens, tokenizer)
+    assert ends.dtype == np.int32
+    assert all(tokenizer.decode([tokens[e]]) == "\n" for e in ends)
+    # The step text is what lies between the previous step end (or marker) and this end.
+    texts = [tokenizer.decode(tokens[: e + 1]).split("\n")[-2].split("|>")[-1] for e in ends]
+    assert texts == steps
+
+
+@pytest.mark.parametrize("bad", [["a", "b"], [[1, 2], [3]], None, [1.5, object()]])
+def test_step_ends_never_raise(tokenizer, bad):
+    assert step_end_positions(bad, tokenizer).size == 0
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def test_score_tokens_reads_the_last_token_and_the_step_ends(problems, tokenizer, rm):
+    prompts, responses = [], []
+    for problem in problems[:5]:
+        prompts.append(user_prompt_tokens(tokenizer, problem.prompt))
+        turn = fmt.problem_to_dialogue(problem).turns[-1]
+        responses.append(ids(fmt.render_assistant(turn), tokenizer) + [tokenizer.eot_id])
+    responses[3] = responses[3][:7]  # unfinished, no step end yet
+    scores = score_tokens(rm, prompts, responses, batch_size=2)
+    assert len(scores) == 5
+    # The reference: all rows in one batch, padded to the longest (no bucket, other rows).
+    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
+    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    segments = np.zeros_like(tokens)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)], segments[i, : len(row)] = row, 1
+    reference = np.asarray(reward_model.reward_logits(rm.params, rm.model_cfg, tokens, segments))
+    for i, (prompt, response, score) in enumerate(zip(prompts, responses, scores, strict=True)):
+        logits = reference[i, : len(rows[i])]
+        ends = len(prompt) + step_end_positions(response, tokenizer)
+        # Batches of 2 at power-of-two widths give the same numbers.
+        np.testing.assert_allclose(score.final, sigmoid(logits[-1]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(score.steps, sigmoid(logits[ends]), rtol=1e-4, atol=1e-6)
+    assert [s.steps.size for s in scores] == [
+        len(step_end_positions(r, tokenizer)) for r in responses
+    ]
+    assert scores[3].steps.size == 0
+
+
+def test_score_texts_closes_responses_with_eot(problems, tokenizer, rm):
+    problem = problems[0]
+    text = fmt.render_assistant(fmt.problem_to_dialogue(problem).turns[-1])
+    (from_text,) = score_texts(rm, [problem.prompt], [text])
+    (with_eot,) = score_texts(rm, [problem.prompt], [text + fmt.EOT])
+    (from_tokens,) = score_tokens(
+        rm,
+        [user_prompt_tokens(tokenizer, problem.prompt)],
+        [ids(text, tokenizer) + [tokenizer.eot_id]],
+    )
+    assert from_text.final == with_eot.final == from_tokens.final
+    np.testing.assert_array_equal(from_text.steps, from_tokens.steps)
+    assert from_text.steps.size == len(problem.steps)
+    assert 0.0 < from_text.final < 1.0
+
+
+def test_score_tokens_rejects_bad_input(tokenizer, rm):
+    with pytest.raises(ValueError, match="one each"):
+        score_tokens(rm, [[1, 2]], [])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        score_tokens(rm, [[1] * 400], [[2] * 200])

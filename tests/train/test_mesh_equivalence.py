@@ -1,0 +1,179 @@
+"""Every objective trains the same on any mesh: 3 steps sharded equal 3 steps on one device.
+
+The harness builds a run the way train/loop.py does (state shardings from the rules, sharded
+init, the jitted pure step, batches placed by `batches.to_global`, the rules active while
+the step and any rollout trace) and compares losses and updated parameters with the same
+run on a one-device mesh, on 8 forced CPU devices. Objectives whose modules have not landed
+are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from model import sharding as sharding_lib
+from tests.train.conftest import tiny_config
+from train import batches as batches_lib
+from train import init_from, loop
+from train.objectives import OBJECTIVES, get_objective
+from train.optim import make_optimizer
+from train.state import init_state, param_shardings, state_shardings
+from train.step import train_step
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 CPU devices)"
+)
+
+NUM_STEPS = 3
+# Objective -> (config module in train/configs, its tiny variant).
+CONFIGS = {
+    "sft": ("sft", "tiny"),
+    "orm": ("rm", "kind=orm,tiny"),
+    "prm": ("rm", "kind=prm,tiny"),
+    "ppo": ("rl", "algo=ppo,tiny"),
+    "grpo": ("rl", "algo=grpo,tiny"),
+}
+# Mesh (data, fsdp, tensor) -> the rule set that exercises it.
+MESHES = {(8, 1, 1): "dp", (2, 4, 1): "fsdp", (2, 2, 2): "fsdp_tp", (1, 2, 4): "fsdp_tp"}
+
+
+# A step whose whole gradient is float32 round-off (a GRPO rollout whose groups all got equal
+# rewards has zero advantages) still moves every parameter by up to +-lr under Adam, in a
+# direction set by that noise; such steps widen the parameter tolerance by 2 * lr.
+NOISE_GRAD_NORM = 1e-6
+
+
+@dataclasses.dataclass
+class Trained:
+    """What a few steps produced: each step's metrics (loss, grad_norm, lr...) and the params."""
+
+    metrics: list[dict[str, float]]
+    params: dict
+
+    def adam_noise(self) -> float:
+        """How far Adam may have carried parameters on steps with round-off gradients."""
+        return sum(2 * m["lr"] for m in self.metrics if m["grad_norm"] < NOISE_GRAD_NORM)
+
+
+def objective_config(name: str, request):
+    """The objective's tiny config (SFT-initialized unless SFT); skips if it has not landed."""
+    module, variant = CONFIGS[name]
+    if name not in OBJECTIVES:
+        pytest.skip(f"objective {name!r} is not registered yet (train/objectives)")
+    if get_objective(name).batches not in batches_lib.PRODUCERS:
+        pytest.skip(f"batch producer {get_objective(name).batches!r} is not registered yet")
+    config = importlib.import_module(f"train.configs.{module}").get_config(variant)
+    config.unlock()
+    if name != "sft":
+        config.init_from = request.getfixturevalue("tiny_run")
+    return config
+
+
+def train_steps(config, setup: loop.Setup, mesh, rules: str) -> Trained:
+    """NUM_STEPS steps of `config.objective` on `mesh`, set up as train.loop.run does."""
+    objective = get_objective(config.objective)
+    setup = dataclasses.replace(setup, mesh=mesh, rules=sharding_lib.get_rules(rules))
+    model = setup.model
+    producer = batches_lib.make_producer(objective.batches, config, setup.prepared, model)
+    abstract_params, p_shardings = param_shardings(model, mesh, setup.rules)
+    tx, schedule = make_optimizer(config.optimizer, config.num_steps, abstract_params)
+    _, shardings = state_shardings(abstract_params, p_shardings, tx, mesh)
+    state = init_state(model, tx, config.seed, shardings)
+    source = init_from.find_source(config.init_from)
+    if source is not None:
+        params = init_from.load_params(source, setup.model_cfg, state.params)
+        state = init_state(model, tx, config.seed, shardings, params=params)
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            loss_fn=objective.make_loss(config, model),
+            tx=tx,
+            schedule=schedule,
+            accum_steps=config.grad_accum_steps,
+        ),
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    history = []
+    with sharding_lib.use_rules(mesh, setup.rules):
+        for _ in range(NUM_STEPS):
+            batch = batches_lib.to_global(producer.next(state), mesh, setup.rules)
+            state, metrics = step_fn(state, batch)
+            history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return Trained(history, jax.device_get(state.params))
+
+
+@pytest.fixture(scope="module")
+def prepared_runs(tmp_path_factory):
+    """Per objective, built once: its Setup (data, tokenizer, model) and its one-device steps."""
+    cache = {}
+
+    def get(name: str, config) -> tuple[loop.Setup, Trained]:
+        if name not in cache:
+            workdir = str(tmp_path_factory.mktemp(f"equivalence_{name}"))
+            setup = loop.build(config, workdir)  # its mesh is replaced in train_steps
+            one_device = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+            cache[name] = setup, train_steps(config, setup, one_device, "fsdp")
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("mesh_shape", list(MESHES), ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sharded_steps_equal_one_device(name, mesh_shape, request, prepared_runs):
+    config = objective_config(name, request)
+    setup, expected = prepared_runs(name, config)
+    got = train_steps(config, setup, sharding_lib.make_mesh(mesh_shape), MESHES[mesh_shape])
+
+    assert all(np.isfinite(m["loss"]) for m in expected.metrics)
+    for step, (got_m, expected_m) in enumerate(zip(got.metrics, expected.metrics, strict=True)):
+        assert got_m.keys() == expected_m.keys()
+        for key, value in expected_m.items():  # the loss and all the objective's metrics
+            message = f"{key} at step {step + 1}"
+            np.testing.assert_allclose(got_m[key], value, rtol=1e-5, atol=1e-6, err_msg=message)
+    atol = 1e-5 + expected.adam_noise()
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol),
+        got.params,
+        expected.params,
+    )
+
+
+def adam_states(opt_state) -> list[optax.ScaleByAdamState]:
+    """Every Adam moment state inside an optax state tree."""
+
+    def is_adam(x):
+        return isinstance(x, optax.ScaleByAdamState)
+
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+
+
+def test_adam_moments_follow_parameter_shardings():
+    from model.config import get_preset
+    from model.transformer import Transformer
+
+    model = Transformer(get_preset("tiny"))
+    mesh = sharding_lib.make_mesh((2, 2, 2))
+    rules = sharding_lib.get_rules("fsdp_tp")
+    abstract_params, p_shardings = param_shardings(model, mesh, rules)
+    tx, _ = make_optimizer(tiny_config().optimizer, 10, abstract_params)
+    _, shardings = state_shardings(abstract_params, p_shardings, tx, mesh)
+    state = init_state(model, tx, 0, shardings)
+
+    (adam,) = adam_states(state.opt_state)
+    for moments in (adam.mu, adam.nu):
+        specs = jax.tree.map(lambda x: x.sharding.spec, moments)
+        assert specs == jax.tree.map(lambda x: x.sharding.spec, state.params)
+    kernel = adam.mu["layers"]["mlp"]["gate"]["kernel"]
+    assert kernel.sharding.spec == state.params["layers"]["mlp"]["gate"]["kernel"].sharding.spec
+    assert kernel.addressable_shards[0].data.size < kernel.size  # really split, not replicated
+    assert adam.count.sharding.is_fully_replicated

@@ -1,0 +1,210 @@
+"""ORM and PRM objectives: the losses by hand, AUC by hand, and both on the shared loop."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from model import config as model_config
+from model import transformer
+from rl import reward_model, rm_data
+from train import evaluate
+from train.configs import rm
+from train.metrics import read_metrics
+from train.objectives import get_objective
+
+# ---------------------------------------------------------------------------- losses
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    cfg = model_config.get_preset("tiny")
+    model = transformer.Transformer(cfg, heads=("reward",))
+    shapes = jax.eval_shape(
+        lambda key: transformer.init_params(cfg, key, heads=("reward",)), jax.random.PRNGKey(0)
+    )
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(s.dtype), shapes)
+    return cfg, model, params
+
+
+def toy_batch() -> dict:
+    """Two rows: one packed with two segments, one padded; targets on a few tokens."""
+    rng = np.random.default_rng(1)
+    segment_ids = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 10 + [0] * 2], np.int32)
+    positions = np.array([[*range(5), *range(4), 0, 0, 0], [*range(10), 0, 0]], np.int32)
+    zeros = np.zeros((2, 12), np.float32)
+    batch = {
+        "inputs": rng.integers(0, 128, (2, 12)).astype(np.int32),
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "loss_mask": zeros.copy(),
+        "orm_mask": zeros.copy(),
+        "orm_target": zeros.copy(),
+        "step_end_mask": zeros.copy(),
+        "step_target": zeros.copy(),
+    }
+    for row, col, label in ((0, 4, 1.0), (0, 8, 0.0), (1, 9, 1.0)):  # each segment's last token
+        batch["orm_mask"][row, col], batch["orm_target"][row, col] = 1.0, label
+    for row, col, label in ((0, 1, 1.0), (0, 3, 0.0), (0, 6, 0.25), (1, 2, 0.75), (1, 7, 1.0)):
+        batch["step_end_mask"][row, col], batch["step_target"][row, col] = 1.0, label
+    return batch
+
+
+def bce(logits, targets) -> np.ndarray:
+    """Cross-entropy of sigmoid(logits) against (soft) targets, in float64."""
+    p = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    return -(targets * np.log(p) + (1.0 - targets) * np.log(1.0 - p))
+
+
+@pytest.mark.parametrize(
+    "kind, target, mask",
+    [("orm", "orm_target", "orm_mask"), ("prm", "step_target", "step_end_mask")],
+)
+def test_loss_is_bce_at_the_marked_tokens(model_and_params, kind, target, mask):
+    cfg, model, params = model_and_params
+    batch = toy_batch()
+    loss_fn = get_objective(kind).make_loss(rm.get_config(f"kind={kind}"), model)
+    loss, metrics = loss_fn(params, batch, jax.random.PRNGKey(0))
+    # Reference logits through the scoring API (positions derived from the segments).
+    logits = np.asarray(
+        reward_model.reward_logits(params, cfg, batch["inputs"], batch["segment_ids"])
+    )
+    marked = batch[mask] > 0
+    expected = bce(logits[marked], batch[target][marked]).mean()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    right = (logits[marked] > 0) == (batch[target][marked] >= 0.5)
+    np.testing.assert_allclose(float(metrics["accuracy"]), right.mean(), rtol=1e-6)
+    assert float(metrics["labelled"]) == marked.sum()
+    assert get_objective(kind).heads == ("reward",) and get_objective(kind).batches == "rm"
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize(
+    "scores, labels, auc",
+    [
+        ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),  # one discordant pair of four
+        ([0.5, 0.5, 0.5, 0.9], [1, 0, 0, 1], 0.75),  # two ties count half each
+        ([0.3, 0.3, 0.3, 0.3], [1, 0, 1, 0], 0.5),
+        ([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0], 1.0),
+        ([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0], 0.0),
+        ([0.2, 0.7, 0.7, 0.1, 0.7], [0, 1, 0, 0, 1], 5.0 / 6.0),  # 4 wins, 2 ties of 6 pairs
+        ([0.1, 0.9], [1, 1], None),  # one class only
+    ],
+)
+def test_roc_auc_by_hand(scores, labels, auc):
+    got = evaluate.roc_auc(scores, labels)
+    if auc is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(auc)
+
+
+def test_roc_auc_equals_pair_counting():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(40), 1)  # many ties
+    labels = rng.random(40) < 0.4
+    pairs = [
+        1.0 if p > n else 0.5 if p == n else 0.0
+        for p, n in itertools.product(scores[labels], scores[~labels])
+    ]
+    assert evaluate.roc_auc(scores, labels) == pytest.approx(np.mean(pairs))
+    np.testing.assert_array_equal(evaluate.average_ranks([3, 1, 3, 2]), [3.5, 1, 3.5, 2])
+
+
+@pytest.mark.parametrize(
+    "probs, labels, mask, hit",
+    [
+        ([0.9, 0.2, 0.1], [1, 0, 1], [1, 1, 0], True),
+        ([0.4, 0.2, 0.1], [1, 0, 1], [1, 1, 0], False),  # flags step 0 first
+        ([0.9, 0.8, 0.1], [1, 0, 1], [1, 1, 0], False),  # misses step 1
+        ([0.9, 0.8, 0.9], [1, 0, 1], [1, 1, 0], False),  # flags nothing
+        ([0.9, 0.1], [1, 1], [1, 1], None),  # no wrong step
+        ([0.9, 0.1], [1, 0], [1, 0], None),  # the wrong label is masked out
+    ],
+)
+def test_first_error_hit(probs, labels, mask, hit):
+    assert evaluate.first_error_hit(np.array(probs), labels, mask) == hit
+
+
+def test_reward_metrics_on_hand_made_rows():
+    def row(final, orm, steps, labels, mask):
+        return {"final": final, "orm_label": orm, "steps": np.array(steps),
+                "step_labels": np.array(labels), "step_mask": np.array(mask)}  # fmt: skip
+
+    rows = [
+        row(0.9, 1.0, [0.8, 0.9], [1, 1], [1, 1]),
+        row(0.3, 0.0, [0.7, 0.2, 0.6], [1, 0, 1], [1, 1, 0]),  # first error found
+        row(0.6, 0.0, [0.3, 0.9], [1, 0], [1, 1]),  # first error missed
+    ]
+    result = evaluate.reward_metrics(rows)
+    assert result["orm_auc"] == 1.0 and result["orm_accuracy"] == pytest.approx(2 / 3)
+    # Labelled steps: probs .8 .9 .7 .2 .3 .9 with labels 1 1 1 0 1 0.
+    assert result["prm_auc"] == pytest.approx(evaluate.roc_auc([.8, .9, .7, .2, .3, .9],
+                                                                [1, 1, 1, 0, 1, 0]))  # fmt: skip
+    assert result["prm_accuracy"] == pytest.approx(4 / 6)
+    assert result["first_error_accuracy"] == 0.5 and result["num_wrong_traces"] == 2
+    assert result["num_steps"] == 6 and result["num_records"] == 3
+
+
+# ---------------------------------------------------------------------------- config, loop
+
+
+def test_config_variants():
+    assert rm.get_config("kind=prm").objective == "prm"
+    assert rm.get_config().init_from == "workdirs/sft"
+    with pytest.raises(ValueError, match="kind"):
+        rm.get_config("kind=dpo")
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        rm_data.policy_dir(rm.get_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def rm_runs(tiny_run, tmp_path_factory):
+    """Two steps each of rm.py:tiny kind=orm and kind=prm from the tiny SFT run (in-process)."""
+    from train.loop import run
+
+    workdirs = {}
+    for kind in ("orm", "prm"):
+        config = rm.get_config(f"kind={kind},tiny")
+        config.init_from = tiny_run
+        workdirs[kind] = str(tmp_path_factory.mktemp(kind))
+        if kind == "orm":
+            run(config, workdirs[kind])
+            continue
+        # Same data config, policy and rm_data: the PRM finds the ORM's data and samples nothing.
+        shutil.copytree(os.path.join(workdirs["orm"], "data"), os.path.join(workdirs[kind], "data"))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rm_data, "generate_splits", lambda *args: pytest.fail("not cached"))
+            run(config, workdirs[kind])
+    return workdirs
+
+
+@pytest.mark.parametrize("kind", ["orm", "prm"])
+def test_reward_model_trains_on_the_shared_loop(rm_runs, tiny_run, kind):
+    workdir = rm_runs[kind]
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["bce"]) and r["labelled"] > 0 for r in records)
+    with open(os.path.join(workdir, "eval.json")) as f:
+        result = json.load(f)
+    assert result["step"] == 2 and result["kind"] == kind
+    # The tiny data has corrupted and clean traces, so both classes exist everywhere.
+    for key in ("orm_auc", "prm_auc", "first_error_accuracy", "orm_accuracy", "prm_accuracy"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert set(result["per_source"]) == {"policy", "corrupted", "clean"}
+
+    loaded = reward_model.load_reward_model(workdir)
+    assert loaded.kind == kind
+    (score,) = reward_model.score_texts(loaded, ["What is 4821 + 937?"], ["Answer: 5758"])
+    assert 0.0 < score.final < 1.0 and score.steps.size == 0
+    with pytest.raises(ValueError, match="reward head"):
+        reward_model.load_reward_model(tiny_run)

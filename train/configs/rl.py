@@ -1,0 +1,165 @@
+"""RL from the SFT policy: PPO (default), GRPO, expert iteration, DPO or ORPO on its own samples.
+
+    python -m train.main --config=rl.py --workdir=workdirs/rl
+    python -m train.main --config=rl.py:algo=grpo --workdir=workdirs/rl_grpo
+    python -m train.main --config=rl.py:reward=outcome_prm --workdir=workdirs/rl_prm
+    python -m train.main --config=rl.py:tiny --config.init_from=/tmp/sft_tiny --workdir=/tmp/rl
+
+`init_from` names the SFT run; "{workdir}" in it (and in rl.prm.workdir) stands for this
+run's workdir. A missing SFT (or PRM, with reward=outcome_prm) run is trained first with its
+default config (rl/stages.py). The policy trains on one task at a difficulty where the SFT
+policy is weak, and the final evaluation prints SFT vs RL, greedy and pass@8, at that
+difficulty and one level harder (rl/compare.py).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from data.config import default_data_config
+from train.configs.common import base_config, parse_arg
+
+ALGOS = {
+    "ppo": "ppo",
+    "grpo": "grpo",
+    "ei": "expert_iteration",
+    "dpo": "dpo",
+    "orpo": "orpo",
+}
+REWARDS = ("outcome", "outcome_prm")
+
+
+def get_config(arg: str | None = None):
+    """Returns the RL config; variants: `algo=ppo|grpo|ei|dpo|orpo`, `reward=outcome|outcome_prm`,
+    `tiny`."""
+    arg = parse_arg(arg, algo="ppo", reward="outcome", tiny=False)
+    if arg.algo not in ALGOS:
+        raise ValueError(f"algo must be one of {sorted(ALGOS)}, got {arg.algo!r}")
+    if arg.reward not in REWARDS:
+        raise ValueError(f"reward must be one of {REWARDS}, got {arg.reward!r}")
+
+    c = base_config()
+    c.objective = ALGOS[arg.algo]
+    c.init_from = "{workdir}/../sft"
+
+    # One task at a difficulty the SFT policy (trained on 3-digit addition) only half solves.
+    task, knobs, harder = "addition", {"digits": 4}, {"digits": 5}
+    c.data = default_data_config()
+    c.data.tasks = {task: {"weight": 1.0, "knobs": knobs}}
+    c.data.train_size = 2000
+    c.data.validation_size = 16
+    c.data.test_size = 64
+    c.data.corrupted_size = 0
+    c.data.seq_len = 256
+
+    c.rl = ml_collections.ConfigDict()
+    r = c.rl
+    r.split = "train"  # prompts come from this split of the data above
+    r.prompts = 16  # prompts per rollout (global)
+    r.group_size = 4  # samples per prompt (G)
+    r.max_new_tokens = 200
+    r.temperature = 1.0
+    r.top_k = 0
+    r.top_p = 1.0
+    r.epochs = 2  # passes over each rollout's buffer, in minibatches of batch_size rows
+    r.max_empty_rollouts = 8  # EI/pairs: rollouts in a row with no training rows before failing
+    r.reward_workers = 4  # threads for verifiers and the code sandbox
+    r.ref_from = ""  # the frozen reference policy; "" means init_from
+
+    # Reward mix: name -> weight (see rl.rewards.REWARDS); the KL penalty is under rl.kl.
+    r.rewards = {"outcome": 1.0, "format": 0.2, "length": 0.0, "prm": 0.0}
+    r.length_free_tokens = 180  # the length reward is 0 up to here, -1 at max_new_tokens
+    r.prm = {
+        "workdir": "{workdir}/../prm",
+        "stage": "rm.py:kind=prm",  # config that trains it when missing
+        "baseline": 0.5,  # step reward (p - baseline) / steps
+    }
+    r.sft_stage = "sft.py"  # config that trains init_from when missing
+
+    # KL to the reference: "reward" subtracts coef * KL per token, "loss" adds coef * k3 KL.
+    r.kl = {
+        "mode": "reward",
+        "coef": 0.05,
+        "estimator": "k1",
+        "adaptive": False,
+        "target": 2.0,  # summed KL per response the adaptive controller steers to
+        "horizon": 2000.0,
+    }
+    r.gamma = 1.0
+    r.lam = 0.95
+    r.whiten_advantages = True
+    r.group_normalize_std = True  # GRPO; False is Dr. GRPO
+    r.clip_eps = 0.2
+    r.clip_eps_high = 0.0  # > clip_eps: DAPO clip-higher; 0: symmetric
+    r.value_clip_eps = 0.2
+    r.value_coef = 0.5
+    r.entropy_coef = 0.0
+    r.aggregation = "token_mean"
+    r.dpo_beta = 0.1
+    r.orpo_lambda = 0.5
+    r.forward_batch = 32
+
+    # Before/after table at the end of the run (rl/compare.py).
+    r.compare = {
+        "num_problems": 64,
+        "num_samples": 8,
+        "temperature": 1.0,
+        "harder_task": task,
+        "harder_knobs": harder,
+        "batch_size": 64,
+    }
+
+    rollouts = 24
+    c.batch_size = 32
+    c.optimizer.lr = 2e-4
+    c.optimizer.warmup_steps = 4
+    c.optimizer.end_lr_ratio = 1.0
+    c.optimizer.weight_decay = 0.0
+    c.log_every = 4
+    c.checkpoint_every = 20
+    c.eval.num_problems = 64
+    c.eval.batch_size = 64
+    c.eval.max_new_tokens = r.max_new_tokens
+
+    if arg.algo == "grpo":
+        r.prompts, r.group_size = 8, 8
+        r.kl.mode, r.kl.estimator, r.kl.coef = "loss", "k3", 0.02
+    if arg.algo in ("ei", "dpo", "orpo"):
+        r.prompts, r.group_size, r.epochs = 16, 4, 1
+        c.optimizer.lr = 1e-4 if arg.algo != "ei" else 3e-4
+    if arg.reward == "outcome_prm":
+        r.rewards.prm = 1.0
+
+    if arg.tiny:
+        c.init_from = "{workdir}/../sft_tiny"
+        r.sft_stage = "sft.py:tiny"
+        r.prm.stage = "rm.py:kind=prm,tiny"
+        c.model.preset = "tiny"
+        c.model.max_seq_len = 512
+        c.data = default_data_config()
+        c.data.train_size = 64
+        c.data.validation_size = 8
+        c.data.test_size = 8
+        c.data.corrupted_size = 0
+        c.data.vocab_size = 512
+        c.data.seq_len = 128
+        r.prompts, r.group_size, r.max_new_tokens = 8, 2, 16
+        r.length_free_tokens = 8
+        r.reward_workers = 2
+        r.forward_batch = 8
+        r.compare.num_problems, r.compare.num_samples, r.compare.batch_size = 4, 2, 8
+        r.compare.harder_task, r.compare.harder_knobs = "addition", {"digits": 4}
+        rollouts = 3
+        c.batch_size = 8
+        c.optimizer.lr = 1e-3
+        c.optimizer.warmup_steps = 1
+        c.log_every = 1
+        c.checkpoint_every = 3
+        c.eval.num_problems = 4
+        c.eval.batch_size = 8
+        c.eval.max_new_tokens = r.max_new_tokens
+        c.progress_bar = False
+
+    minibatches = max(r.prompts * r.group_size // c.batch_size, 1)
+    c.num_steps = rollouts * r.epochs * minibatches
+    return c

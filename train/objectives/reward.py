@@ -1,0 +1,77 @@
+"""Reward-model objectives: binary cross-entropy on the reward head at marked tokens.
+
+  orm  outcome: the logit at each response's last token predicts whether its answer is
+       right (`orm_target` where `orm_mask`).
+  prm  process: the logit at each step-end "\\n" predicts whether the step is good
+       (`step_target` where `step_end_mask`); soft targets (Monte-Carlo success rates)
+       work the same way.
+
+Both read packed batches of the "rm" producer (data.rm_builder) and are judged by the
+"reward" evaluation (AUC, accuracy, first-error localization). Only the reward head's
+output is computed; the vocabulary projection is skipped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from train.objectives import register
+from train.objectives.sft import masked_mean
+
+
+def reward_scores(model, params, batch) -> jax.Array:
+    """The reward head's logits [B, L] on a batch's inputs."""
+    out = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        compute_logits=False,
+        method="forward",
+    )
+    return out.scores["reward"]
+
+
+def marked_bce(logits_BxL, targets_BxL, mask_BxL) -> tuple[jax.Array, dict]:
+    """Mean sigmoid cross-entropy over the mask, and accuracy/calibration metrics."""
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    bce_BxL = optax.sigmoid_binary_cross_entropy(logits_BxL, targets_BxL)
+    loss = masked_mean(bce_BxL, mask_BxL)
+    right_BxL = ((logits_BxL > 0) == (targets_BxL >= 0.5)).astype(jnp.float32)
+    metrics = {
+        "bce": loss,
+        "accuracy": masked_mean(right_BxL, mask_BxL),
+        "mean_prob": masked_mean(jax.nn.sigmoid(logits_BxL), mask_BxL),
+        "positive_rate": masked_mean(targets_BxL, mask_BxL),
+        "labelled": jnp.sum(mask_BxL),
+    }
+    return loss, metrics
+
+
+@register("orm", heads=("reward",), batches="rm", evaluation="reward")
+def make_orm_loss(config: ml_collections.ConfigDict, model):
+    """Outcome reward model: BCE at each response's last token."""
+    del config
+
+    def loss_fn(params, batch, rng):
+        del rng  # deterministic
+        logits_BxL = reward_scores(model, params, batch)
+        return marked_bce(logits_BxL, batch["orm_target"], batch["orm_mask"])
+
+    return loss_fn
+
+
+@register("prm", heads=("reward",), batches="rm", evaluation="reward")
+def make_prm_loss(config: ml_collections.ConfigDict, model):
+    """Process reward model: BCE (hard or soft targets) at each labelled step end."""
+    del config
+
+    def loss_fn(params, batch, rng):
+        del rng  # deterministic
+        logits_BxL = reward_scores(model, params, batch)
+        return marked_bce(logits_BxL, batch["step_target"], batch["step_end_mask"])
+
+    return loss_fn
