@@ -1,28 +1,27 @@
 """What every benchmark shares: hardware ceilings, timing, flags, tables and JSON results.
 
-Ceilings are measured in the benchmark's own process, right before its rows, so each ratio
-(MFU, fraction of the bandwidth bound) divides two numbers taken under the same load.
+Ceilings (matmul peaks, copy bandwidth) are timed in the benchmark's own process, round-robin
+with the calls they are the ceilings of, so each ratio (MFU, fraction of the bandwidth bound)
+divides two numbers taken under the same load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
-import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-
-from train.metrics import measure_matmul_peak
 
 PEAK_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -36,23 +35,39 @@ def define_common_flags() -> None:
 # ----------------------------------------------------------------------------- ceilings
 
 
-def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of a jitted n x n jnp.dot per dtype: the MFU denominators."""
-    # The same measurement the trainer divides by, so bench MFU and logged MFU agree.
-    return {name: measure_matmul_peak(n, dtype, repeats) for name, dtype in PEAK_DTYPES.items()}
+def matmul_call(n: int, dtype: str) -> tuple[Callable[[], Any], float]:
+    """(a no-argument call of a compiled n x n jnp.dot in `dtype`, the FLOPs of one call)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), PEAK_DTYPES[dtype])
+    b = jax.random.normal(k2, (n, n), PEAK_DTYPES[dtype])
+    # The trainer's MFU denominator (train.metrics.measure_matmul_peak) times this same dot.
+    matmul = jax.jit(jnp.dot).lower(a, b).compile()
+    return functools.partial(matmul, a, b), 2.0 * n**3
 
 
-def copy_bandwidth(num_bytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Bytes/s moved (read + write) by a numpy copy of `num_bytes`: the memory ceiling."""
+def copy_call(num_bytes: int) -> tuple[Callable[[], Any], float]:
+    """(a no-argument numpy copy of `num_bytes`, the bytes one call moves: read + write)."""
     src = np.ones(num_bytes // 8, np.float64)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault every page in before timing
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * src.nbytes / best
+    return functools.partial(np.copyto, dst, src), 2.0 * src.nbytes
+
+
+def ceiling_calls(*, peak_n: int = 0, copy_bytes: int = 0) -> dict[str, tuple[Callable, float]]:
+    """{"peak_<dtype>" for each matmul dtype if peak_n, "copy" if copy_bytes: (call, work)}."""
+    calls = {}
+    if peak_n:
+        calls.update({f"peak_{dtype}": matmul_call(peak_n, dtype) for dtype in PEAK_DTYPES})
+    if copy_bytes:
+        calls["copy"] = copy_call(copy_bytes)
+    return calls
+
+
+def ceiling_rates(
+    timings: Mapping[str, Timing], ceilings: Mapping[str, tuple[Callable, float]]
+) -> dict[str, float]:
+    """Work per second of each ceiling call (FLOP/s, bytes/s), from its fastest round."""
+    return {name: work / timings[name].best_s for name, (_, work) in ceilings.items()}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -79,41 +94,41 @@ class Timing:
         return {"best_s": self.best_s, "median_s": self.median_s, "times_s": list(self.times_s)}
 
 
-def time_call(fn: Callable[..., Any], *args: Any, warmup: int = 1, repeats: int = 3) -> Timing:
-    """Times `fn(*args)` to completion (block_until_ready) after `warmup` untimed calls."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return Timing(tuple(times))
+def time_interleaved(
+    calls: Mapping[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 3
+) -> dict[str, Timing]:
+    """Times every no-argument call once per round, round-robin, each to completion.
 
-
-def time_steps(
-    step_fn: Callable[..., tuple[Any, Any]],
-    carry: Any,
-    *args: Any,
-    warmup: int = 1,
-    repeats: int = 3,
-) -> tuple[Timing, Any]:
-    """Times `carry, _ = step_fn(carry, *args)` one call at a time; returns (timing, carry).
-
-    For steps that donate their carry (the train state): each call feeds the next.
+    Load that drifts during the run then hits every call alike, so ratios of their times
+    hold up on a shared machine. `warmup` untimed rounds go first.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
-        carry = jax.block_until_ready(step_fn(carry, *args))[0]
-    times = []
+        for call in calls.values():
+            jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        carry = jax.block_until_ready(step_fn(carry, *args))[0]
-        times.append(time.perf_counter() - start)
-    return Timing(tuple(times)), carry
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(values)) for name, values in times.items()}
+
+
+class Stepper:
+    """A donating step `carry, out = step_fn(carry, *args)` as a no-argument call.
+
+    Each call feeds the previous call's carry (a train state whose buffers were donated)
+    and returns (carry, out), so blocking on it waits for the whole step.
+    """
+
+    def __init__(self, step_fn: Callable[..., tuple[Any, Any]], carry: Any, *args: Any):
+        self.step_fn, self.carry, self.args = step_fn, carry, args
+
+    def __call__(self) -> tuple[Any, Any]:
+        self.carry, out = self.step_fn(self.carry, *self.args)
+        return self.carry, out
 
 
 def time_compile(jitted: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:

@@ -15,7 +15,9 @@ prompts, no stop token, so every row decodes all T tokens):
   bound      the memory-bandwidth bound of a decode step: it must read the weights once and
              every row's cached keys and values; bytes / measured copy bandwidth = the fastest
              step possible. The cache holds P + (T + 1) / 2 tokens on average over the rollout.
-             The bandwidth is measured right before and after each case (the higher is kept).
+
+Each case compiles both, then times cache, recompute and a numpy copy (the bandwidth)
+round-robin, so the ratios divide numbers taken under the same machine load.
 
 "speedup" is cache / recompute tokens/s and "of bound" is cache / bound tokens/s.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import time
 from typing import Any
 
 import jax
@@ -129,7 +132,6 @@ def measure_case(
     params, cfg: ModelConfig, batch: int, prompt: int, new: int, settings: Settings
 ) -> dict[str, Any]:
     """Cache, recompute and bound tokens/s for one (batch, prompt, new tokens) case."""
-    before = common.copy_bandwidth(settings.copy_bytes)
     rng = jax.random.PRNGKey(0)
     data_rng = np.random.default_rng(batch * 1000 + prompt)
     tokens_BxP = data_rng.integers(1, cfg.vocab_size, (batch, prompt), dtype=np.int32)
@@ -140,9 +142,9 @@ def measure_case(
             params, cfg, (tokens_BxP, lengths_B), rng=rng, max_new_tokens=new, stop_tokens=()
         ).tokens_BxNxT
 
-    # The warmup call compiles; its time is reported as compile_s.
-    first = common.time_call(cached, warmup=0, repeats=1)
-    cache_timing = common.time_call(cached, warmup=0, repeats=settings.repeats)
+    start = time.perf_counter()
+    jax.block_until_ready(cached())  # compiles
+    first_call_s = time.perf_counter() - start
 
     steps = min(new, settings.recompute_steps)
     padded_BxS = np.zeros((batch, prompt + new), np.int32)
@@ -151,25 +153,29 @@ def measure_case(
     compiled, recompute_compile_s = common.time_compile(
         recompute_sample, params, cfg, padded_BxS, prompt, rng, num_steps=steps
     )
-    recompute_timing = common.time_call(
-        compiled, params, padded_BxS, prompt, rng, warmup=1, repeats=settings.repeats
-    )
 
-    bandwidth = max(before, common.copy_bandwidth(settings.copy_bytes))
-    cache_tps = batch * new / cache_timing.best_s
-    recompute_tps = batch * steps / recompute_timing.best_s
+    ceilings = common.ceiling_calls(copy_bytes=settings.copy_bytes)
+    calls = {
+        "cache": cached,
+        "recompute": functools.partial(compiled, params, padded_BxS, prompt, rng),
+        "copy": ceilings["copy"][0],
+    }
+    timings = common.time_interleaved(calls, warmup=0, repeats=settings.repeats)
+    bandwidth = common.ceiling_rates(timings, ceilings)["copy"]
+    cache_tps = batch * new / timings["cache"].best_s
+    recompute_tps = batch * steps / timings["recompute"].best_s
     bound_tps = bound_tokens_per_s(cfg, batch, prompt, new, bandwidth)
     return {
         "batch": batch,
         "prompt_len": prompt,
         "new_tokens": new,
         "cache": {
-            **cache_timing.to_json(),
+            **timings["cache"].to_json(),
             "tokens_per_s": cache_tps,
-            "compile_s": first.best_s - cache_timing.best_s,
+            "compile_s": first_call_s - timings["cache"].best_s,
         },
         "recompute": {
-            **recompute_timing.to_json(),
+            **timings["recompute"].to_json(),
             "steps": steps,
             "padded_len": prompt + new,
             "tokens_per_s": recompute_tps,
@@ -279,5 +285,5 @@ if __name__ == "__main__":
     flags.DEFINE_list("prompt_lens", ["32", "128"], "Prompt tokens per row (powers of two).")
     flags.DEFINE_list("new_tokens", ["64", "256"], "Tokens generated per row.")
     flags.DEFINE_integer("recompute_steps", 4, "Recompute steps timed (each costs the same).")
-    flags.DEFINE_integer("repeats", 3, "Timed calls; rates use the fastest.")
+    flags.DEFINE_integer("repeats", 3, "Timed rounds; rates use each call's fastest.")
     app.run(main)

@@ -7,14 +7,16 @@
 Records are built with the default data config (`data/config.py`) by `data.build.prepare`
 into a temporary folder. The pipeline is the trainer's own: the "sft" batch producer of
 `train.batches` (`data.pipeline.make_sft_dataset`), shaped by the default SFT config
-(`train/configs/sft.py`: seq_len, batch size, packing, prefetch). It is timed over
-`--batches` batches after a warmup, alone in the process.
+(`train/configs/sft.py`: seq_len, batch size, packing). Its prefetch thread is turned off,
+so the time counted is the pipeline's own work, not a lead the thread built up meanwhile.
 
-The consumer is the SFT train step: a few real steps of the default SFT model on the
-pipeline's own batches (built as in bench/train_step.py), or, with `--workdir`, the median
-`tokens_per_sec` a finished run logged (its first window, which holds the compile, skipped).
-Tokens count every slot of a batch, padding included, as the trainer's tokens_per_sec does.
-"headroom" is pipeline tokens/s over step tokens/s: above 1 the pipeline keeps up.
+The consumer is the SFT train step: real steps of the default SFT model on a pipeline
+batch (built as in bench/train_step.py), timed round-robin with the pipeline (each round
+pulls `--batches_per_round` batches, then runs one step). With `--workdir`, it is instead
+the median `tokens_per_sec` a finished run logged (its first window, which holds the
+compile, skipped). Tokens count every slot of a batch, padding included, as the trainer's
+tokens_per_sec does. "headroom" is pipeline tokens/s over step tokens/s: above 1 the
+pipeline keeps up.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import common
-from bench.train_step import make_harness, measure
+from bench.train_step import compile_passes, make_harness
 from data.build import prepare
 from data.config import default_data_config
 from train import batches as batches_lib
@@ -47,29 +49,30 @@ class Settings:
     """What to measure."""
 
     quick: bool
-    warmup_batches: int
-    batches: int
-    step_repeats: int
+    batches_per_round: int
+    rounds: int
     workdir: str  # "" measures the train step here
 
 
 def settings_from_flags() -> Settings:
     """The flags' settings, or the tiny ones under --quick."""
+    workdir = FLAGS.workdir or ""
     if FLAGS.quick:
-        return Settings(True, 1, 3, 1, FLAGS.workdir or "")
-    return Settings(False, 3, FLAGS.batches, FLAGS.repeats, FLAGS.workdir or "")
+        return Settings(True, 2, 2, workdir)
+    return Settings(False, FLAGS.batches_per_round, FLAGS.rounds, workdir)
 
 
 def configs(quick: bool) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """(data config the records are built with, SFT config that shapes and consumes them)."""
     data_config = default_data_config()
-    if not quick:
-        return data_config, sft.get_config()
-    data_config.train_size = 64
-    data_config.validation_size = data_config.test_size = 8
-    data_config.corrupted_size = 0
-    data_config.vocab_size = 512  # a 1024 vocabulary does not fit 64 records' text
-    return data_config, sft.get_config("tiny")
+    config = sft.get_config("tiny" if quick else None)
+    config.data.prefetch = 0
+    if quick:
+        data_config.train_size = 64
+        data_config.validation_size = data_config.test_size = 8
+        data_config.corrupted_size = 0
+        data_config.vocab_size = 512  # a 1024 vocabulary does not fit 64 records' text
+    return data_config, config
 
 
 # ----------------------------------------------------------------------------- producing
@@ -82,45 +85,39 @@ def count_examples(segment_ids_BxL: np.ndarray) -> int:
     return int(starts_BxL.sum())
 
 
-def measure_pipeline(producer, *, warmup: int, num_batches: int) -> tuple[dict[str, Any], dict]:
-    """(examples/s, tokens/s and totals over num_batches, the last batch) of a producer."""
-    for _ in range(warmup):
-        batch = producer.next(None)
-    examples = real_tokens = tokens = 0
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        batch = producer.next(None)
-        examples += count_examples(batch["segment_ids"])
-        real_tokens += int(np.count_nonzero(batch["segment_ids"]))
-        tokens += batch["inputs"].size
-    elapsed = time.perf_counter() - start
-    result = {
-        "batches": num_batches,
-        "seconds": elapsed,
-        "examples": examples,
-        "tokens": tokens,
-        "non_pad_tokens": real_tokens,
-        "examples_per_s": examples / elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "non_pad_tokens_per_s": real_tokens / elapsed,
+class PipelineReader:
+    """Pulls `num_batches` batches per call from a producer; totals count every pulled batch."""
+
+    def __init__(self, producer, num_batches: int):
+        self.producer, self.num_batches = producer, num_batches
+        self.totals = {"batches": 0, "examples": 0, "tokens": 0, "non_pad_tokens": 0}
+        self.last_batch = None
+
+    def __call__(self) -> None:
+        for _ in range(self.num_batches):
+            batch = self.producer.next(None)
+            self.totals["batches"] += 1
+            self.totals["examples"] += count_examples(batch["segment_ids"])
+            self.totals["tokens"] += batch["inputs"].size
+            self.totals["non_pad_tokens"] += int(np.count_nonzero(batch["segment_ids"]))
+            self.last_batch = batch
+
+
+def pipeline_rates(reader: PipelineReader, timing: common.Timing) -> dict[str, Any]:
+    """Tokens/s of the fastest call, and examples and non-pad tokens at the pulled shares."""
+    totals = reader.totals
+    tokens_per_s = reader.num_batches * reader.last_batch["inputs"].size / timing.best_s
+    return {
+        **timing.to_json(),
+        **totals,
+        "batches_per_call": reader.num_batches,
+        "tokens_per_s": tokens_per_s,
+        "examples_per_s": tokens_per_s * totals["examples"] / totals["tokens"],
+        "non_pad_tokens_per_s": tokens_per_s * totals["non_pad_tokens"] / totals["tokens"],
     }
-    return result, batch
 
 
 # ----------------------------------------------------------------------------- consuming
-
-
-def measure_step(config, vocab_size: int, batch: dict, repeats: int) -> dict[str, Any]:
-    """Tokens/s of real train steps of `config`'s model on one pipeline batch."""
-    model_cfg = resolve_model_config(config.model, vocab_size)
-    harness = make_harness(model_cfg, config)
-    timing = measure(harness, batch, ("train_step",), warmup=1, repeats=repeats)["train_step"]
-    return {
-        "source": "measured",
-        "model": dataclasses.asdict(model_cfg),
-        **timing,
-        "tokens_per_s": batch["inputs"].size / timing["best_s"],
-    }
 
 
 def logged_step(workdir: str) -> dict[str, Any]:
@@ -141,6 +138,30 @@ def logged_step(workdir: str) -> dict[str, Any]:
     }
 
 
+def measure(config, prepared, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pipeline rates, train step rates), timed round-robin unless the step is logged."""
+    producer = batches_lib.make_producer("sft", config, prepared, None)
+    reader = PipelineReader(producer, settings.batches_per_round)
+    reader()  # the first batch starts Grain's threads; also the batch the step trains on
+    calls = {"pipeline": reader}
+    if not settings.workdir:
+        model_cfg = resolve_model_config(config.model, prepared.tokenizer.vocab_size)
+        harness = make_harness(model_cfg, config)
+        passes = compile_passes(harness, reader.last_batch, ("train_step",))
+        calls["train_step"] = passes["train_step"].call
+    timings = common.time_interleaved(calls, warmup=0, repeats=settings.rounds)
+    pipeline = pipeline_rates(reader, timings["pipeline"])
+    if settings.workdir:
+        return pipeline, logged_step(settings.workdir)
+    step = {
+        "source": "measured",
+        "model": dataclasses.asdict(model_cfg),
+        **timings["train_step"].to_json(),
+        "tokens_per_s": reader.last_batch["inputs"].size / timings["train_step"].best_s,
+    }
+    return pipeline, step
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 COLUMNS = (
@@ -159,28 +180,17 @@ def run(settings: Settings) -> dict[str, Any]:
         start = time.perf_counter()
         prepared = prepare(data_config, workdir, verbose=False)
         print(f"built the data in {time.perf_counter() - start:.1f}s", flush=True)
-        producer = batches_lib.make_producer("sft", config, prepared, None)
-        pipeline, batch = measure_pipeline(
-            producer, warmup=settings.warmup_batches, num_batches=settings.batches
-        )
-        print(f"  measured the pipeline over {settings.batches} batches", flush=True)
-        if settings.workdir:
-            step = logged_step(settings.workdir)
-        else:
-            step = measure_step(config, prepared.tokenizer.vocab_size, batch, settings.step_repeats)
-        print(f"  measured the train step ({step['source']})", flush=True)
+        pipeline, step = measure(config, prepared, settings)
 
     headroom = pipeline["tokens_per_s"] / step["tokens_per_s"]
-    examples_per_token = pipeline["examples"] / pipeline["tokens"]
+    per_token = {key: pipeline[key] / pipeline["tokens"] for key in ("examples", "non_pad_tokens")}
     rows = [
         {"label": "Grain pipeline", **pipeline, "headroom": headroom},
         {
             "label": f"train step ({step['source']})",
-            "examples_per_s": step["tokens_per_s"] * examples_per_token,
+            "examples_per_s": step["tokens_per_s"] * per_token["examples"],
             "tokens_per_s": step["tokens_per_s"],
-            "non_pad_tokens_per_s": step["tokens_per_s"]
-            * pipeline["non_pad_tokens"]
-            / pipeline["tokens"],
+            "non_pad_tokens_per_s": step["tokens_per_s"] * per_token["non_pad_tokens"],
             "headroom": 1.0,
         },
     ]
@@ -209,7 +219,7 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     common.define_common_flags()
-    flags.DEFINE_integer("batches", 30, "Pipeline batches timed (after 3 warmup batches).")
-    flags.DEFINE_integer("repeats", 3, "Train steps timed; rates use the fastest.")
+    flags.DEFINE_integer("batches_per_round", 10, "Pipeline batches pulled per round.")
+    flags.DEFINE_integer("rounds", 3, "Timed rounds (pipeline batches, then one train step).")
     flags.DEFINE_string("workdir", None, "A finished run whose logged tokens_per_sec to use.")
     app.run(main)

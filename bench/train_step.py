@@ -12,20 +12,22 @@ which cost exactly what real batches of the same shape cost. Per size it times t
   forward+backward  its gradient (no optimizer)     model FLOPs: flops_per_token
   train step        gradient + AdamW update         model FLOPs: flops_per_token
 
-MFU = tokens/s x model FLOPs per token / the matmul peak of the row's compute dtype. The
-float32 and bfloat16 peaks are measured right before and right after each row (the higher
-is kept), so a change of machine load between rows does not skew their MFU. Variant rows
-rerun the train step at one size with one change each; "vs default" is their step
-tokens/s over that size's default row.
+MFU = tokens/s x model FLOPs per token / the matmul peak of the row's compute dtype.
+Variant rows rerun the train step at one size with one change each; "vs default" is their
+step tokens/s over that size's default row. Everything is compiled first, then timed
+round-robin (one call of each pass and of each peak's jnp.dot per round), so load that
+drifts during the run hits every row alike and the ratios between rows hold up.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -171,81 +173,77 @@ def model_config(size: str, seq_len: int, **overrides: Any) -> ModelConfig:
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(
-    harness: Harness, batch_np: dict[str, np.ndarray], passes, *, warmup: int, repeats: int
-) -> dict[str, dict[str, Any]]:
-    """{pass: timing, compile_s, temp_bytes} for each of `passes` on one batch.
+@dataclasses.dataclass
+class Pass:
+    """A compiled pass ready to time: a no-argument call and what compiling it cost."""
 
-    Train steps donate the state, so `harness.state` is replaced by the stepped one.
+    call: Callable[[], Any]
+    compile_s: float
+    temp_bytes: int | None  # XLA's temporary buffers (activations, scratch)
+
+
+def compile_passes(harness: Harness, batch_np: dict[str, np.ndarray], passes) -> dict[str, Pass]:
+    """Compiles each of `passes` on one batch.
+
+    The train step's call takes over (and donates) `harness.state`; the other passes read
+    a copy of the parameters, so they can run between train steps.
     """
     rng = jax.random.PRNGKey(0)
-    results = {}
+    compiled_passes = {}
     with sharding_lib.use_rules(harness.mesh, harness.rules):
         batch = to_global(batch_np, harness.mesh, harness.rules)
+        params = None
+        if set(passes) - {"train_step"}:
+            params = jax.tree.map(jnp.copy, harness.state.params)
         for name in passes:
             if name == "train_step":
                 compiled, compile_s = common.time_compile(harness.step_fn, harness.state, batch)
-                timing, harness.state = common.time_steps(
-                    compiled, harness.state, batch, warmup=warmup, repeats=repeats
-                )
+                call = common.Stepper(compiled, harness.state, batch)
             else:
                 fn = harness.loss_fn
                 if name == "forward_backward":
                     fn = jax.value_and_grad(fn, has_aux=True)
-                params = harness.state.params
                 compiled, compile_s = common.time_compile(jax.jit(fn), params, batch, rng)
-                timing = common.time_call(
-                    compiled, params, batch, rng, warmup=warmup, repeats=repeats
-                )
+                call = functools.partial(compiled, params, batch, rng)
             memory = compiled.memory_analysis()
-            results[name] = {
-                **timing.to_json(),
-                "compile_s": compile_s,
-                "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-            }
-    return results
+            temp_bytes = getattr(memory, "temp_size_in_bytes", None)
+            compiled_passes[name] = Pass(call, compile_s, temp_bytes)
+    return compiled_passes
 
 
-def throughput(
-    model_cfg: ModelConfig, tokens: int, seq_len: int, timings: dict, peaks: dict[str, float]
+def make_row(
+    label: str,
+    model_cfg: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    passes: dict[str, Pass],
+    timings: dict[str, common.Timing],
+    peaks: dict[str, float],
 ) -> dict[str, Any]:
-    """Per pass: tokens/s (best call) and MFU against each measured peak."""
+    """One result row: model, batch, and per pass its times, tokens/s and MFU per peak."""
+    tokens = batch_size * seq_len
     flops_per_token = model_cfg.flops_per_token(seq_len)
-    out = {}
-    for name, timing in timings.items():
-        tokens_per_s = tokens / timing["best_s"]
+    results = {}
+    for name, compiled in passes.items():
+        tokens_per_s = tokens / timings[name].best_s
         flops_per_s = tokens_per_s * flops_per_token * PASS_FLOPS[name]
-        out[name] = {
-            **timing,
+        results[name] = {
+            **timings[name].to_json(),
+            "compile_s": compiled.compile_s,
+            "temp_bytes": compiled.temp_bytes,
             "tokens_per_s": tokens_per_s,
             "model_flops_per_s": flops_per_s,
             "mfu": {dtype: flops_per_s / peak for dtype, peak in peaks.items()},
         }
-    return out
-
-
-def bench_row(
-    label: str, model_cfg: ModelConfig, batch_size: int, settings: Settings, passes
-) -> dict[str, Any]:
-    """One row of the table: model, batch, the measured passes and the peaks around them."""
-    config = sft.get_config()
-    batch_np = synthetic_batch(batch_size, settings.seq_len, model_cfg.vocab_size)
-    harness = make_harness(model_cfg, config)
-    before = common.matmul_peaks(settings.peak_n)
-    timings = measure(harness, batch_np, passes, warmup=settings.warmup, repeats=settings.repeats)
-    after = common.matmul_peaks(settings.peak_n)
-    peaks = {dtype: max(before[dtype], after[dtype]) for dtype in before}
-    tokens = batch_size * settings.seq_len
     return {
         "label": label,
         "model": dataclasses.asdict(model_cfg),
         "params": model_cfg.num_params(),
         "batch_size": batch_size,
-        "seq_len": settings.seq_len,
+        "seq_len": seq_len,
         "tokens_per_batch": tokens,
-        "flops_per_token": model_cfg.flops_per_token(settings.seq_len),
-        "peaks_flops": peaks,
-        "passes": throughput(model_cfg, tokens, settings.seq_len, timings, peaks),
+        "flops_per_token": flops_per_token,
+        "passes": results,
     }
 
 
@@ -284,29 +282,45 @@ COLUMNS = (
 
 
 def run(settings: Settings) -> dict[str, Any]:
-    """Measures every size and variant; returns the results (settings and rows)."""
-    rows, defaults = [], {}
-    for size in settings.sizes:
-        cfg = model_config(size, settings.seq_len)
-        row = bench_row(size, cfg, settings.batch_sizes[size], settings, PASSES)
-        rows.append(row)
-        defaults[size] = row
-        print(f"  measured {size}", flush=True)
+    """Compiles every size and variant, times them all round-robin; returns the results."""
+    config = sft.get_config()
+    entries = []  # (label, model config, batch size, compiled passes)
+    jobs = [(size, size, {}, PASSES) for size in settings.sizes]
     for variant in settings.variants:
         size = settings.variant_size
-        cfg = model_config(size, settings.seq_len, **VARIANTS[variant])
-        label = f"{size} {variant}"
-        rows.append(bench_row(label, cfg, settings.batch_sizes[size], settings, ("train_step",)))
-        print(f"  measured {label}", flush=True)
+        jobs.append((f"{size} {variant}", size, VARIANTS[variant], ("train_step",)))
+    for label, size, overrides, passes in jobs:
+        cfg = model_config(size, settings.seq_len, **overrides)
+        batch_size = settings.batch_sizes[size]
+        batch_np = synthetic_batch(batch_size, settings.seq_len, cfg.vocab_size)
+        entries.append(
+            (label, cfg, batch_size, compile_passes(make_harness(cfg, config), batch_np, passes))
+        )
+        print(f"  compiled {label}", flush=True)
+
+    # One round-robin over every pass and the peaks: every ratio in the table divides two
+    # numbers taken in the same rounds.
+    ceilings = common.ceiling_calls(peak_n=settings.peak_n)
+    calls = {f"{label}/{name}": p.call for label, *_, ps in entries for name, p in ps.items()}
+    calls.update({name: call for name, (call, _) in ceilings.items()})
+    timings = common.time_interleaved(calls, warmup=settings.warmup, repeats=settings.repeats)
+    peaks = {
+        name.removeprefix("peak_"): rate
+        for name, rate in common.ceiling_rates(timings, ceilings).items()
+    }
+    rows = []
+    for label, cfg, batch_size, passes in entries:
+        row_timings = {name: timings[f"{label}/{name}"] for name in passes}
+        rows.append(make_row(label, cfg, batch_size, settings.seq_len, passes, row_timings, peaks))
+
+    defaults = {row["label"]: row for row in rows}
     cells = [table_row(row, defaults.get(row["label"].split()[0])) for row in rows]
     print(common.format_table(cells, COLUMNS))
-    for dtype in common.PEAK_DTYPES:
-        peaks = [row["peaks_flops"][dtype] for row in rows]
-        print(
-            f"{dtype} matmul peak (jnp.dot {settings.peak_n}^2): "
-            f"{common.format_si(min(peaks))}-{common.format_si(max(peaks))}FLOP/s over the rows"
-        )
-    return {"settings": dataclasses.asdict(settings), "rows": rows}
+    print(
+        f"matmul peak (jnp.dot {settings.peak_n}^2): "
+        + ", ".join(f"{dtype} {common.format_si(peak)}FLOP/s" for dtype, peak in peaks.items())
+    )
+    return {"settings": dataclasses.asdict(settings), "peaks_flops": peaks, "rows": rows}
 
 
 def main(argv: list[str]) -> None:
@@ -323,6 +337,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run: {sorted(VARIANTS)}.")
     flags.DEFINE_string("variant_size", "base", "The size the variants change.")
-    flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
-    flags.DEFINE_integer("repeats", 3, "Timed calls; rates use the fastest.")
+    flags.DEFINE_integer("warmup", 1, "Untimed rounds after compiling.")
+    flags.DEFINE_integer("repeats", 3, "Timed rounds; rates use each call's fastest.")
     app.run(main)

@@ -39,14 +39,24 @@ def held_out_levels(config, prepared) -> dict[str, list[Problem]]:
     return {TRAIN_LEVEL: level, HARDER_LEVEL: harder}
 
 
-def policy_scores(params, model_cfg, tokenizer, problems, compare_config, max_new_tokens, *,
-                  samples: bool = True, seed: int = 0) -> dict[str, float]:
+def policy_scores(
+    params,
+    model_cfg,
+    tokenizer,
+    problems,
+    compare_config,
+    max_new_tokens,
+    *,
+    samples: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
     """Greedy accuracy, and (with `samples`) sampled pass@1 and pass@n of one policy."""
     c = compare_config
     questions = [p.prompt for p in problems]
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=c.batch_size)
     greedy = generate(params, model_cfg, tokenizer, questions, greedy=True, **kwargs)
-    scores = {"greedy": float(np.mean([verify_response(p, g[0].text) for p, g in zip(problems, greedy, strict=True)]))}
+    correct_P = [verify_response(p, g[0].text) for p, g in zip(problems, greedy, strict=True)]
+    scores = {"greedy": float(np.mean(correct_P))}
     if samples:
         sampled = generate(
             params,
@@ -60,7 +70,10 @@ def policy_scores(params, model_cfg, tokenizer, problems, compare_config, max_ne
             **kwargs,
         )
         correct_PxN = np.asarray(
-            [[verify_response(p, s.text) for s in row] for p, row in zip(problems, sampled, strict=True)]
+            [
+                [verify_response(p, s.text) for s in row]
+                for p, row in zip(problems, sampled, strict=True)
+            ]
         )
         scores["pass@1"] = float(correct_PxN.mean())
         scores[f"pass@{c.num_samples}"] = float(np.mean(pass_at_n(correct_PxN, c.num_samples)))
@@ -84,8 +97,13 @@ def compare(policies: dict, model_cfg, tokenizer, levels, config) -> dict:
     return {
         level: {
             name: policy_scores(
-                params, model_cfg, tokenizer, problems, config.rl.compare,
-                config.rl.max_new_tokens, seed=config.seed + 1,
+                params,
+                model_cfg,
+                tokenizer,
+                problems,
+                config.rl.compare,
+                config.rl.max_new_tokens,
+                seed=config.seed + 1,
             )
             for name, params in policies.items()
         }
@@ -117,8 +135,13 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
         tokenizer, c = prepared.tokenizer, config.rl.compare
         if step < config.num_steps:
             scores = policy_scores(
-                params, model_cfg, tokenizer, levels[TRAIN_LEVEL], c,
-                config.rl.max_new_tokens, samples=False,
+                params,
+                model_cfg,
+                tokenizer,
+                levels[TRAIN_LEVEL],
+                c,
+                config.rl.max_new_tokens,
+                samples=False,
             )
             return {"accuracy": scores["greedy"]}
         policies = {"SFT": reference_params(config, like=params), "RL": params}
@@ -152,5 +175,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "A finished RL run (train.main --config=rl.py).", required=True)
+    flags.DEFINE_string(
+        "workdir", None, "A finished RL run (train.main --config=rl.py).", required=True
+    )
     app.run(main)

@@ -239,7 +239,9 @@ class RolloutProducer:
         finished_R = np.asarray(out.done_BxN).reshape(-1)
         problems = [self.problems[i] for i in chosen for _ in range(G)]
         prompts = [self.prompt_tokens[i] for i in chosen for _ in range(G)]
-        return layout(self.tokenizer, problems, prompts, tokens_RxT, lengths_R, finished_R, G, self.seq_len)
+        return layout(
+            self.tokenizer, problems, prompts, tokens_RxT, lengths_R, finished_R, G, self.seq_len
+        )
 
     def _score(self, params, rollout: buffers.Rollout) -> buffers.Rollout:
         """Fills the policy's and the reference's log-probs and the values, by full forwards."""
@@ -316,7 +318,9 @@ def layout(tokenizer, problems, prompts, tokens_RxT, lengths_R, finished_R, grou
         mask_RxL[r, p - 1 : p - 1 + n] = 1.0  # the positions whose targets are generated
     ends_R = prompt_lengths_R + lengths_R
     segment_ids_RxL = (np.arange(length)[None, :] < ends_R[:, None]).astype(np.int32)
-    targets_RxL = np.concatenate([inputs_RxL[:, 1:], np.full((num_rows, 1), tokenizer.pad_id, np.int32)], axis=1)
+    targets_RxL = np.concatenate(
+        [inputs_RxL[:, 1:], np.full((num_rows, 1), tokenizer.pad_id, np.int32)], axis=1
+    )
     texts = [
         tokenizer.decode([int(t) for t in tokens_RxT[r, : lengths_R[r] - int(finished_R[r])]])
         for r in range(num_rows)
@@ -362,7 +366,9 @@ def rollout_metrics(rollout: buffers.Rollout, scored, buffer, tokenizer) -> dict
         "rollout/thought_tokens": float(np.mean(thought_tokens)),
         "rollout/thought_steps": float(np.mean(thought_steps)),
         # -mean log p of the sampled tokens: a one-sample estimate of the policy's entropy.
-        "rollout/entropy": float(-(rollout.old_logprobs_RxL * mask_RxL).sum() / max(mask_RxL.sum(), 1)),
+        "rollout/entropy": float(
+            -(rollout.old_logprobs_RxL * mask_RxL).sum() / max(mask_RxL.sum(), 1)
+        ),
     }
     for name, sums_R in scored.components.items():
         metrics[f"rollout/reward_{name}"] = float(sums_R.mean())
@@ -382,7 +388,9 @@ def load_trunk(workdir: str, like=None):
     trunk = {key: value for key, value in loaded.items() if key not in HEAD_KEYS}
     if like is None:
         return trunk
-    return jax.tree.map(lambda x, p: jax.device_put(x, p.sharding), trunk, {k: like[k] for k in trunk})
+    return jax.tree.map(
+        lambda x, p: jax.device_put(x, p.sharding), trunk, {k: like[k] for k in trunk}
+    )
 
 
 def producer_factory(kind: str):

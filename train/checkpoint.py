@@ -101,7 +101,10 @@ def load_params(workdir: str, abstract_params=None, step: int | None = None):
     path = checkpoint_dir(workdir)
     if not path.is_dir():
         raise FileNotFoundError(f"No checkpoints in {workdir}: run train.main there first")
-    with ocp.CheckpointManager(path, item_names=("params",)) as manager:
+    # A handler given up front (not just the item name) makes the saved shapes readable, so
+    # a checkpoint from any topology (another mesh, several hosts) lands on this device.
+    handlers = {"params": ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(path, item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{path} holds no complete checkpoint")

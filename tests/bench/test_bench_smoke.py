@@ -52,14 +52,14 @@ def test_every_result_records_its_environment(quick_runs):
 def test_train_step_rows_and_mfu(quick_runs):
     stdout, results = quick_runs["train_step"]
     assert "step MFU" in stdout and "tiny no_scan" in stdout
+    peaks = results["peaks_flops"]
+    assert set(peaks) == {"float32", "bfloat16"} and min(peaks.values()) > 0
     rows = {row["label"]: row for row in results["rows"]}
     assert set(rows) == {"tiny", "tiny no_scan"}
     assert set(rows["tiny"]["passes"]) == {"forward", "forward_backward", "train_step"}
     assert set(rows["tiny no_scan"]["passes"]) == {"train_step"}
     assert rows["tiny no_scan"]["model"]["scan_layers"] is False
     for row in rows.values():
-        peaks = row["peaks_flops"]
-        assert set(peaks) == {"float32", "bfloat16"} and min(peaks.values()) > 0
         assert row["tokens_per_batch"] == 8 * 64
         for name, result in row["passes"].items():
             assert result["tokens_per_s"] == pytest.approx(8 * 64 / result["best_s"])
@@ -94,7 +94,9 @@ def test_pipeline_headroom(quick_runs):
     assert "headroom" in stdout
     pipeline, step = results["pipeline"], results["train_step"]
     assert results["batch_shape"] == {"seq_len": 256, "batch_size": 8}
-    assert pipeline["tokens"] == 3 * 8 * 256
+    # One untimed call, then two rounds, of two batches each.
+    assert pipeline["batches"] == 6 and pipeline["tokens"] == 6 * 8 * 256
+    assert pipeline["tokens_per_s"] == pytest.approx(2 * 8 * 256 / pipeline["best_s"])
     assert 0 < pipeline["non_pad_tokens"] <= pipeline["tokens"]
     assert pipeline["examples"] >= 3
     assert step["source"] == "measured" and step["tokens_per_s"] > 0

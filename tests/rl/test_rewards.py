@@ -51,7 +51,9 @@ def test_outcome_reward_scores_correct_wrong_and_garbage():
     wrong = good.replace(f"Answer: {p.answer}", f"Answer: {int(p.answer) + 1}")
     texts = [good, wrong, "", "<|thoughts|>\x00 Answer: ???", good[: len(good) // 2]]
     rs = responses([p] * len(texts), texts, lengths=[8, 5, 1, 3, 8])
-    correct_R = np.asarray([R.verify_response(q, t) for q, t in zip(rs.problems, texts)])
+    correct_R = np.asarray(
+        [R.verify_response(q, t) for q, t in zip(rs.problems, texts, strict=True)]
+    )
     np.testing.assert_array_equal(correct_R, [1.0, 0.0, 0.0, 0.0, 0.0])
     rewards_RxT = R.outcome_reward(rs, correct_R)
     assert rewards_RxT[0, 7] == 1.0 and rewards_RxT.sum() == 1.0  # on the last token only

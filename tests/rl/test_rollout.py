@@ -104,7 +104,9 @@ def test_grpo_buffer_gives_each_row_its_group_relative_advantage():
     r = toy_rollout([3] * 4, [2, 3, 1, 2], group_size=2)
     s = scored([1.0, 0.0, 0.5, 0.5], [1, 0, 0, 0], r)
     buf = B.grpo_buffer(r, s, kl_coef=0.0, kl_in_reward=True, estimator="k1", normalize_std=True)
-    per_row = [np.unique(a[m > 0]) for a, m in zip(buf["advantages"], r.response_mask_RxL)]
+    per_row = [
+        np.unique(a[m > 0]) for a, m in zip(buf["advantages"], r.response_mask_RxL, strict=True)
+    ]
     np.testing.assert_allclose(np.concatenate(per_row), [1.0, -1.0, 0.0, 0.0], atol=1e-5)
     assert "old_values" not in buf and buf["inputs"].shape == (4, 12)
 
@@ -143,7 +145,6 @@ def setup(tmp_path_factory):
     config.data.train_size, config.data.test_size, config.data.validation_size = 16, 2, 2
     config.rl.prompts, config.rl.group_size, config.rl.max_new_tokens = 4, 2, 6
     config.rl.epochs, config.batch_size, config.rl.forward_batch = 2, 4, 4
-    config.data.tasks = {"addition": {"weight": 1.0, "knobs": {"digits": 2}}}
     prepared = prepare(config.data, workdir, verbose=False)
     cfg = get_preset("tiny", vocab_size=prepared.tokenizer.vocab_size, max_seq_len=512)
     model = transformer.Transformer(cfg, heads=("value",))

@@ -45,12 +45,12 @@ def test_colab_demo_runs_on_cpu(tmp_path, monkeypatch):
     install, detect, sft, sample, grpo, plot = (cell_text(cell) for cell in code)
     assert "thinkax importable: True" in install
     assert "cpu device(s)" in detect and "size: tiny" in detect
-    assert "logged steps" in sft and "accuracy" in sft
+    assert "logged steps" in sft and "eval at step" in sft
     assert any("image/png" in out.get("data", {}) for out in code[2].outputs)  # the loss curve
     assert sample.strip(), "rl.sample printed nothing"
     assert os.path.exists(tmp_path / "demo" / "sft" / "checkpoints")
     if "grpo" in OBJECTIVES:
-        assert "eval:" in grpo and "rollout/reward" in plot
+        assert "eval at step" in grpo and "rollout/reward" in plot
         assert any("image/png" in out.get("data", {}) for out in code[5].outputs)
     else:
         assert "skipped" in grpo

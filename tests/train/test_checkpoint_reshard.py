@@ -97,6 +97,8 @@ def test_load_params_without_shardings_lands_on_one_device(saved):
     params, step = checkpoint.load_params(path)
     assert step == 1 and checkpoint.latest_step(str(path)) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected.params)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    assert all(x.sharding == one_device for x in jax.tree.leaves(params))  # not the saved mesh
 
 
 def test_relative_workdir_becomes_an_absolute_checkpoint_dir(tmp_path, monkeypatch):

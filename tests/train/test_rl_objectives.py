@@ -40,10 +40,9 @@ def make_policy_workdir(workdir: str) -> str:
 
 
 def policy_config(algo: str, init_from: str, **overrides):
-    """The `rl.py:tiny` config on 2-digit addition, without the before/after table."""
+    """The `rl.py:tiny` config with 32 train prompts, without the before/after table."""
     config = rl_configs.get_config(f"tiny,algo={algo}")
     config.init_from = init_from
-    config.data.tasks = {"addition": {"weight": 1.0, "knobs": {"digits": 2}}}
     config.data.train_size, config.data.validation_size, config.data.test_size = 32, 4, 4
     config.rl.compare.num_problems = 0
     for key, value in overrides.items():
@@ -215,3 +214,38 @@ def test_orpo_loss_uses_mean_logprobs_of_chosen_and_rejected(tiny_model):
     odds = mean_Bx2 - np.log1p(-np.exp(mean_Bx2))
     or_loss = np.mean(np.log1p(np.exp(-(odds[:, 0] - odds[:, 1]))))
     np.testing.assert_allclose(loss, metrics["nll"] + 0.5 * or_loss, rtol=1e-4)
+
+
+@pytest.mark.parametrize("critic", ["shared", "detached"])
+def test_detached_critic_trains_only_the_value_head(critic):
+    from model.config import get_preset
+    from model.transformer import Transformer, init_params
+    from train.objectives import get_objective
+
+    cfg = get_preset("tiny")
+    model = Transformer(cfg, heads=("value",))
+    params = init_params(cfg, jax.random.PRNGKey(0), heads=("value",))
+    config = rl_configs.get_config("tiny")
+    config.rl.critic, config.rl.entropy_coef, config.rl.value_clip_eps = critic, 0.0, 1e3
+    rows = {k: v[:, 0] for k, v in pair_batch().items() if k != "ref_logp"}
+    zeros = np.zeros_like(rows["response_mask"])
+    batch = {
+        **rows,
+        "old_logprobs": zeros,
+        "ref_logprobs": zeros,
+        "advantages": zeros,  # no policy gradient: the loss is the value loss alone
+        "old_values": zeros,
+        "returns": rows["response_mask"],
+        "kl_coef": np.zeros(2, np.float32),
+    }
+    loss_fn = get_objective("ppo").make_loss(config, model)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, None)
+    trunk_norm = float(optax_norm({k: v for k, v in grads.items() if k != "value_head"}))
+    assert float(optax_norm(grads["value_head"])) > 0 and metrics["value_loss"] > 0
+    assert (trunk_norm == 0.0) == (critic == "detached")
+
+
+def optax_norm(tree):
+    import optax
+
+    return optax.tree.norm(tree)

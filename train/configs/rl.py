@@ -28,6 +28,11 @@ ALGOS = {
 }
 REWARDS = ("outcome", "outcome_prm")
 
+# The task RL trains on, at a difficulty where the SFT policy is weak, and one level harder.
+TASK = "addition"
+KNOBS = {"digits": 3}  # SFT (sft.py defaults): ~50% greedy, ~15% sampled at temperature 1
+HARDER_KNOBS = {"digits": 4}
+
 
 def get_config(arg: str | None = None):
     """Returns the RL config; variants: `algo=ppo|grpo|ei|dpo|orpo`, `reward=outcome|outcome_prm`,
@@ -42,22 +47,20 @@ def get_config(arg: str | None = None):
     c.objective = ALGOS[arg.algo]
     c.init_from = "{workdir}/../sft"
 
-    # One task at a difficulty the SFT policy (trained on 3-digit addition) only half solves.
-    task, knobs, harder = "addition", {"digits": 4}, {"digits": 5}
     c.data = default_data_config()
-    c.data.tasks = {task: {"weight": 1.0, "knobs": knobs}}
+    c.data.tasks = {TASK: {"weight": 1.0, "knobs": KNOBS}}
     c.data.train_size = 2000
     c.data.validation_size = 16
     c.data.test_size = 64
     c.data.corrupted_size = 0
-    c.data.seq_len = 256
+    c.data.seq_len = 208  # a ~20-token prompt and up to max_new_tokens
 
     c.rl = ml_collections.ConfigDict()
     r = c.rl
     r.split = "train"  # prompts come from this split of the data above
     r.prompts = 16  # prompts per rollout (global)
-    r.group_size = 4  # samples per prompt (G)
-    r.max_new_tokens = 200
+    r.group_size = 8  # samples per prompt (G)
+    r.max_new_tokens = 180  # 3-digit additions take ~135 tokens, 4-digit ones ~160
     r.temperature = 1.0
     r.top_k = 0
     r.top_p = 1.0
@@ -68,7 +71,7 @@ def get_config(arg: str | None = None):
 
     # Reward mix: name -> weight (see rl.rewards.REWARDS); the KL penalty is under rl.kl.
     r.rewards = {"outcome": 1.0, "format": 0.2, "length": 0.0, "prm": 0.0}
-    r.length_free_tokens = 180  # the length reward is 0 up to here, -1 at max_new_tokens
+    r.length_free_tokens = 160  # the length reward is 0 up to here, -1 at max_new_tokens
     r.prm = {
         "workdir": "{workdir}/../prm",
         "stage": "rm.py:kind=prm",  # config that trains it when missing
@@ -79,7 +82,7 @@ def get_config(arg: str | None = None):
     # KL to the reference: "reward" subtracts coef * KL per token, "loss" adds coef * k3 KL.
     r.kl = {
         "mode": "reward",
-        "coef": 0.05,
+        "coef": 0.02,
         "estimator": "k1",
         "adaptive": False,
         "target": 2.0,  # summed KL per response the adaptive controller steers to
@@ -93,6 +96,8 @@ def get_config(arg: str | None = None):
     r.clip_eps_high = 0.0  # > clip_eps: DAPO clip-higher; 0: symmetric
     r.value_clip_eps = 0.2
     r.value_coef = 0.5
+    # "shared": the value loss also trains the trunk; "detached": only the value head.
+    r.critic = "detached"
     r.entropy_coef = 0.0
     r.aggregation = "token_mean"
     r.dpo_beta = 0.1
@@ -101,15 +106,15 @@ def get_config(arg: str | None = None):
 
     # Before/after table at the end of the run (rl/compare.py).
     r.compare = {
-        "num_problems": 64,
+        "num_problems": 48,
         "num_samples": 8,
         "temperature": 1.0,
-        "harder_task": task,
-        "harder_knobs": harder,
-        "batch_size": 64,
+        "harder_task": TASK,
+        "harder_knobs": HARDER_KNOBS,
+        "batch_size": 48,
     }
 
-    rollouts = 24
+    rollouts = 12
     c.batch_size = 32
     c.optimizer.lr = 2e-4
     c.optimizer.warmup_steps = 4
@@ -136,7 +141,6 @@ def get_config(arg: str | None = None):
         r.prm.stage = "rm.py:kind=prm,tiny"
         c.model.preset = "tiny"
         c.model.max_seq_len = 512
-        c.data = default_data_config()
         c.data.train_size = 64
         c.data.validation_size = 8
         c.data.test_size = 8
@@ -148,7 +152,6 @@ def get_config(arg: str | None = None):
         r.reward_workers = 2
         r.forward_batch = 8
         r.compare.num_problems, r.compare.num_samples, r.compare.batch_size = 4, 2, 8
-        r.compare.harder_task, r.compare.harder_knobs = "addition", {"digits": 4}
         rollouts = 3
         c.batch_size = 8
         c.optimizer.lr = 1e-3

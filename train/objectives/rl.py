@@ -9,10 +9,11 @@ never sees the reference parameters. Preference batches hold pairs: [b, 2, L], c
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rl import compare  # noqa: F401  (registers the "rl" evaluation)
+import rl.compare  # noqa: F401  (registers the "rl" evaluation)
 from rl import kl as kl_lib
 from rl import ppo_losses
 from rl.advantages import masked_mean
@@ -25,10 +26,28 @@ def _forward(model, params, inputs_BxL, targets_BxL, segment_ids_BxL):
     return ppo_losses.token_logprobs(out.logits, targets_BxL), out
 
 
+CRITICS = ("shared", "detached")
+
+
+def _values(params, out, critic: str):
+    """The value head's [B, L] output; "detached" keeps the value loss out of the trunk.
+
+    With a shared trunk the critic's early, large errors pull on the features the policy
+    uses; detached, the head is a linear probe of the policy's own features.
+    """
+    if critic == "shared":
+        return out.scores["value"]
+    hidden_BxLxD = jax.lax.stop_gradient(out.hidden_BxLxD).astype(jnp.float32)
+    head = nn.Dense(1, dtype=jnp.float32)  # the value head's layer (model.transformer)
+    return head.apply({"params": params["value_head"]}, hidden_BxLxD)[..., 0]
+
+
 def _policy_gradient_loss(config, model, *, critic: bool):
     """Clipped surrogate + KL to the reference (when in the loss) - entropy [+ value loss]."""
     rl = config.rl
     clip_high = rl.clip_eps_high if rl.clip_eps_high > 0 else None
+    if critic and rl.critic not in CRITICS:
+        raise ValueError(f"rl.critic must be one of {CRITICS}, got {rl.critic!r}")
 
     def loss_fn(params, batch, rng):
         del rng  # deterministic: no dropout in the decoder
@@ -56,7 +75,7 @@ def _policy_gradient_loss(config, model, *, critic: bool):
         }
         if critic:
             v_loss, v_metrics = ppo_losses.value_loss(
-                out.scores["value"],
+                _values(params, out, rl.critic),
                 batch["old_values"],
                 batch["returns"],
                 mask_BxL,
