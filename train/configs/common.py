@@ -36,12 +36,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return parsed
 
 
-def model_placeholders() -> dict:
-    """A typed None placeholder per ModelConfig field, so CLI overrides parse to its type."""
+def typed_model_overrides() -> dict:
+    """A typed, unset (None) override per ModelConfig field, so CLI values parse to its type."""
     reference = PRESETS["small"]
     types = {f.name: type(getattr(reference, f.name)) for f in dataclasses.fields(ModelConfig)}
     types["rope_scaling"] = tuple  # None in most presets
-    return {name: config_dict.placeholder(kind) for name, kind in types.items()}
+    return {name: config_dict.placeholder(kind) for name, kind in types.items()}  # noqa
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Model: a preset from model.config.PRESETS; every ModelConfig field left None keeps the
     # preset's value, any other value overrides it (`--config.model.d_model=256`). A None
     # vocab_size takes the tokenizer's vocabulary size.
-    c.model = ml_collections.ConfigDict({"preset": "small", **model_placeholders()})
+    c.model = ml_collections.ConfigDict({"preset": "small", **typed_model_overrides()})
 
     c.num_steps = 1000
     c.batch_size = 32  # global examples (packed rows) per optimizer step
