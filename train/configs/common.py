@@ -41,7 +41,7 @@ def typed_model_overrides() -> dict:
     reference = PRESETS["small"]
     types = {f.name: type(getattr(reference, f.name)) for f in dataclasses.fields(ModelConfig)}
     types["rope_scaling"] = tuple  # None in most presets
-    return {name: config_dict.placeholder(kind) for name, kind in types.items()}  # noqa
+    return {name: config_dict.placeholder(kind) for name, kind in types.items()}
 
 
 def base_config() -> ml_collections.ConfigDict:
