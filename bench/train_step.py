@@ -320,7 +320,12 @@ def run(settings: Settings) -> dict[str, Any]:
         f"matmul peak (jnp.dot {settings.peak_n}^2): "
         + ", ".join(f"{dtype} {common.format_si(peak)}FLOP/s" for dtype, peak in peaks.items())
     )
-    return {"settings": dataclasses.asdict(settings), "peaks_flops": peaks, "rows": rows}
+    return {
+        "settings": dataclasses.asdict(settings),
+        "peaks_flops": peaks,
+        "peak_timings": {name: timings[name].to_json() for name in ceilings},
+        "rows": rows,
+    }
 
 
 def main(argv: list[str]) -> None:
