@@ -36,6 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seq_len = 512
     c.pack = True
     c.answer_only = False  # same problems, thinking blocks dropped (the no-thinking baseline)
+    # Share of examples turned into redacted multi-turn follow-up dialogues (data.multiturn),
+    # which teach the model to answer from a context whose earlier thoughts were redacted.
+    c.multiturn_fraction = 0.0
     c.shuffle = True  # a global index shuffle, reshuffled each epoch; needs no buffer
     c.num_workers = 0  # grain worker processes; 0 runs the pipeline in-process
     c.prefetch = 2  # batches prefetched by a background thread; 0 for none

@@ -30,6 +30,7 @@ from absl import logging
 
 from data import format as fmt
 from data.builder import record_to_problem
+from data.multiturn import multiturn_example
 
 TARGET_MASKS = ("loss_mask", "headline_mask", "thoughts_mask", "summary_mask", "answer_mask")
 SEQUENCE_FEATURES = ("inputs", "targets", *TARGET_MASKS, "step_end_mask")
@@ -48,6 +49,7 @@ def make_sft_dataset(
     num_epochs: int | None = None,
     pack: bool = True,
     answer_only: bool = False,
+    multiturn_fraction: float = 0.0,
     shard_index: int | None = None,
     shard_count: int | None = None,
     num_workers: int = 0,
@@ -58,10 +60,16 @@ def make_sft_dataset(
     `num_epochs=None` repeats forever. The last batch of a finite run is filled up with empty
     rows (segment_ids 0), so every batch has the same shape. `pack=False` puts one example per
     row. `num_workers > 0` encodes in that many processes; `prefetch > 0` keeps that many
-    batches ready in a background thread.
+    batches ready in a background thread. `multiturn_fraction` of the examples become
+    redacted multi-turn dialogues of follow-up questions (`data.multiturn`), drawn per
+    (seed, repeated index) so every epoch mixes differently.
     """
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+    if not 0.0 <= multiturn_fraction <= 1.0:
+        raise ValueError(f"multiturn_fraction must be in [0, 1], got {multiturn_fraction}")
+    if answer_only and multiturn_fraction > 0:
+        raise ValueError("multiturn dialogues keep thinking blocks: use answer_only=False")
     shard_index, shard_count = _resolve_shard(shard_index, shard_count)
     records = grain.MapDataset.source(source)[shard_index::shard_count]
     epoch_len = len(records)
@@ -72,7 +80,12 @@ def make_sft_dataset(
     if shuffle:
         records = records.shuffle(seed % 2**32)
     encode = functools.partial(
-        _encode_example, tokenizer=tokenizer, answer_only=answer_only, epoch_len=epoch_len
+        _encode_example,
+        tokenizer=tokenizer,
+        answer_only=answer_only,
+        epoch_len=epoch_len,
+        seed=seed,
+        multiturn_fraction=multiturn_fraction,
     )
     # Encode a few batches ahead, not grain's default 500 examples (wasted at the end of a run).
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size)
@@ -125,9 +138,28 @@ def encode_record(record: Mapping[str, Any], tokenizer, answer_only: bool = Fals
     return example
 
 
-def _encode_example(index: int, record: Mapping[str, Any], *, tokenizer, answer_only, epoch_len):
-    """`encode_record`, tagged with the epoch its (repeated) index falls in."""
-    return {**encode_record(record, tokenizer, answer_only), _EPOCH: index // epoch_len}
+def _encode_example(
+    index: int,
+    record: Mapping[str, Any],
+    *,
+    tokenizer,
+    answer_only: bool,
+    epoch_len: int,
+    seed: int,
+    multiturn_fraction: float,
+) -> dict:
+    """`encode_record` (or, for a `multiturn_fraction` of indices, a multi-turn dialogue
+    built on the record), tagged with the epoch its (repeated) index falls in."""
+    example = None
+    if (
+        multiturn_fraction > 0
+        and np.random.default_rng([seed, index]).random() < multiturn_fraction
+    ):
+        # None when the record's answer is not a whole number: it stays a single turn.
+        example = multiturn_example(record_to_problem(record), tokenizer, seed=seed, index=index)
+    if example is None:
+        example = encode_record(record, tokenizer, answer_only)
+    return {**example, _EPOCH: index // epoch_len}
 
 
 def _stack_rows(rows: Sequence[dict], *, batch_size: int, padding: Mapping[str, int]) -> dict:

@@ -125,6 +125,7 @@ def make_sft_producer(config, prepared, model) -> GrainProducer:
         num_epochs=None,
         pack=d.pack,
         answer_only=d.answer_only,
+        multiturn_fraction=d.multiturn_fraction,
         num_workers=d.num_workers,
         prefetch=d.prefetch,
     )

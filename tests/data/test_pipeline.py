@@ -200,3 +200,27 @@ def test_eval_records(source):
     assert len(records) == 3 and isinstance(records[0]["meta"], dict)
     assert records[0]["prompt"] == source[0]["prompt"]
     assert len(pipeline.make_eval_records(source)) == len(source)
+
+
+def test_multiturn_fraction_mixes_redacted_follow_up_dialogues(make, tokenizer, seq_len):
+    """About that share of examples become follow-up dialogues, trained on their last turn only."""
+    batches = [next(it) for it in [iter(make(seq_len=4 * seq_len, multiturn_fraction=0.5))] * 8]
+    found = {"single": 0, "multi": 0}
+    for segment in [s for b in batches for s in segments(b)]:
+        text = tokenizer.decode(segment["inputs"])
+        follow_up = "Now add" in text or "Now multiply" in text
+        found["multi" if follow_up else "single"] += 1
+        if follow_up:
+            # Earlier turns are context: no loss there, and their thoughts are redacted.
+            trained = tokenizer.decode(segment["targets"][segment["loss_mask"] > 0])
+            assert "Now " not in trained
+            assert text.count(fmt.THOUGHTS) == 1
+    assert found["multi"] > 0 and found["single"] > 0, found
+
+
+def test_multiturn_fraction_rejects_bad_values(make):
+    """A share outside [0, 1], or multi-turn with answer-only, is a clear error."""
+    with pytest.raises(ValueError, match="multiturn_fraction"):
+        make(multiturn_fraction=1.5)
+    with pytest.raises(ValueError, match="answer_only"):
+        make(multiturn_fraction=0.5, answer_only=True)
