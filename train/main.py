@@ -66,10 +66,14 @@ def main(argv):
     """Joins the run's processes, logs the devices and runs the configured objective."""
     del argv
     initialize_distributed()  # before anything creates a JAX backend
+    from rl.stages import ensure_stages
     from train.loop import run
 
     logging.info("JAX devices (%d processes): %s", jax.process_count(), jax.devices())
-    run(_CONFIG.value, _WORKDIR.value)
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    # An RL config names the runs it starts from; the missing ones are trained first.
+    ensure_stages(config, workdir)
+    run(config, workdir)
 
 
 if __name__ == "__main__":
