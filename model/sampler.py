@@ -391,7 +391,8 @@ def sample(
         stop_tokens=tuple(int(t) for t in stop_tokens),
         pad_id=pad_id,
     )
-    return jax.tree.map(lambda x: x[:B], out)
+    # Slicing compiles a program per shape and sharding: skip it when no row was added.
+    return out if B_pad == B else jax.tree.map(lambda x: x[:B], out)
 
 
 # ----------------------------------------------------------------------------- scoring

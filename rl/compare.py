@@ -2,10 +2,11 @@
 
     python -m rl.compare --workdir=workdirs/rl     # the table of a finished RL run
 
-Problems are held out: the training difficulty uses the test split of the RL run's data, the
-harder level fresh problems of `rl.compare.harder_task` with `harder_knobs` whose prompts are
-not in the train split. The RL objectives' evaluation ("rl") runs this at the end of a run
-and prints the table; at intermediate evaluations it scores the policy greedily only.
+Problems are held out: the training difficulty uses the first `eval.num_problems` problems of
+`eval.split` of the RL run's data (0: the whole split, as in the SFT evaluation), the harder
+level as many fresh problems of `rl.compare.harder_task` with `harder_knobs`, none of whose
+prompts is in the train split. The RL objectives' evaluation ("rl") scores the policy greedily
+at the training difficulty; at the end of a run, if `rl.compare.table`, it prints the table.
 """
 
 from __future__ import annotations
@@ -26,34 +27,30 @@ TRAIN_LEVEL, HARDER_LEVEL = "train difficulty", "harder"
 
 
 def held_out_levels(config, prepared) -> dict[str, list[Problem]]:
-    """{level name: problems}: the test split's first problems, and harder unseen problems."""
-    c = config.rl.compare
-    test = load_split(prepared.builder, "test")
-    level = [record_to_problem(test[i]) for i in range(min(c.num_problems, len(test)))]
+    """{level name: problems}: `eval.split`'s first `eval.num_problems` (0: all), and as many
+    harder problems unseen in training."""
+    split, count = config.eval.split, config.eval.num_problems
+    source = load_split(prepared.builder, split)
+    level = [record_to_problem(source[i]) for i in range(min(count or len(source), len(source)))]
+    if not level:
+        raise ValueError(f"eval.split={split!r} has no problems: raise data.{split}_size")
     train = load_split(prepared.builder, config.rl.split)
     seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
     seen |= {canonical_prompt(p.prompt) for p in level}
+    c = config.rl.compare
     mix = {c.harder_task: {"weight": 1.0, "knobs": dict(c.harder_knobs)}}
-    drawn = generate_problems(mix, 2 * c.num_problems, config.data.seed + 1, "test")
-    harder = [p for p in drawn if canonical_prompt(p.prompt) not in seen][: c.num_problems]
+    drawn = generate_problems(mix, 2 * len(level), config.data.seed + 1, "test")
+    harder = [p for p in drawn if canonical_prompt(p.prompt) not in seen][: len(level)]
     return {TRAIN_LEVEL: level, HARDER_LEVEL: harder}
 
 
 def policy_scores(
-    params,
-    model_cfg,
-    tokenizer,
-    problems,
-    compare_config,
-    max_new_tokens,
-    *,
-    samples: bool = True,
-    seed: int = 0,
+    params, model_cfg, tokenizer, problems, config, *, samples: bool = True, seed: int = 0
 ) -> dict[str, float]:
     """Greedy accuracy, and (with `samples`) sampled pass@1 and pass@n of one policy."""
-    c = compare_config
+    c = config.rl.compare
     questions = [p.prompt for p in problems]
-    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=c.batch_size)
+    kwargs = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
     greedy = generate(params, model_cfg, tokenizer, questions, greedy=True, **kwargs)
     correct_P = [verify_response(p, g[0].text) for p, g in zip(problems, greedy, strict=True)]
     scores = {"greedy": float(np.mean(correct_P))}
@@ -94,17 +91,10 @@ def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def compare(policies: dict, model_cfg, tokenizer, levels, config) -> dict:
     """{level: {policy name: scores}} for every policy and level."""
+    seed = config.seed + 1
     return {
         level: {
-            name: policy_scores(
-                params,
-                model_cfg,
-                tokenizer,
-                problems,
-                config.rl.compare,
-                config.rl.max_new_tokens,
-                seed=config.seed + 1,
-            )
+            name: policy_scores(params, model_cfg, tokenizer, problems, config, seed=seed)
             for name, params in policies.items()
         }
         for level, problems in levels.items()
@@ -120,30 +110,19 @@ def reference_params(config, like=None):
 
 @register_evaluation("rl")
 def make_rl_evaluation(config, prepared, model_cfg, model):
-    """Greedy accuracy during the run; at the end, the SFT vs RL table (printed).
-
-    `rl.compare.num_problems = 0` switches the evaluation off.
-    """
+    """Greedy accuracy at the training difficulty; at the end, with `rl.compare.table`, the SFT
+    vs RL table (printed)."""
     del model
     levels = {}
 
     def eval_fn(params, step: int) -> dict:
-        if not config.rl.compare.num_problems:
-            return {}  # evaluation switched off (quick test runs)
         if not levels:
             levels.update(held_out_levels(config, prepared))
         tokenizer, c = prepared.tokenizer, config.rl.compare
-        if step < config.num_steps:
-            scores = policy_scores(
-                params,
-                model_cfg,
-                tokenizer,
-                levels[TRAIN_LEVEL],
-                c,
-                config.rl.max_new_tokens,
-                samples=False,
-            )
-            return {"accuracy": scores["greedy"]}
+        if step < config.num_steps or not c.table:
+            problems = levels[TRAIN_LEVEL]
+            scores = policy_scores(params, model_cfg, tokenizer, problems, config, samples=False)
+            return {"accuracy": scores["greedy"], "num_problems": len(problems)}
         policies = {"SFT": reference_params(config, like=params), "RL": params}
         table = compare(policies, model_cfg, tokenizer, levels, config)
         text = format_table(table)
@@ -154,6 +133,7 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
             f"pass_at_{c.num_samples}": rl_train[f"pass@{c.num_samples}"],
             "harder_accuracy": rl_harder["greedy"],
             "sft_accuracy": table[TRAIN_LEVEL]["SFT"]["greedy"],
+            "num_problems": len(levels[TRAIN_LEVEL]),
             "compare": table,
             "table": text,
         }

@@ -2,6 +2,11 @@
 
 Evaluation, the sampling CLI and RL rollouts all generate through `generate`. Batches are
 padded to `batch_size` rows so every call reuses one compiled sampler.
+
+With several JAX processes every jitted call must get the same inputs on every process, and
+its outputs may be split over processes. `generate` takes the same questions everywhere;
+`sample_rows` gathers each process's own prompts, samples them in one call spread over the
+mesh and hands each process back its rows; `host_value` fetches any output whole.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data.format import Dialogue, Turn, encode_prompt
 from model import sampler
@@ -24,6 +30,48 @@ class Generation:
     tokens: np.ndarray  # int32 [T], including the stop token when one was sampled
     logprobs: np.ndarray  # float32 [T]
     finished: bool  # a stop token was sampled before max_new_tokens
+
+
+def host_value(x) -> np.ndarray:
+    """The whole of array `x` as numpy; gathered from the other processes if split over them."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def all_process_rows(local):
+    """A pytree of host arrays with every process's rows, in process order (a collective)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, local)
+    return jax.tree.map(
+        lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), local
+    )
+
+
+def own_rows(rows, num_local: int):
+    """This process's `num_local` rows of a pytree laid out by `all_process_rows`."""
+    start = jax.process_index() * num_local
+    return jax.tree.map(lambda x: x[start : start + num_local], rows)
+
+
+def sample_rows(params, cfg, prompts, *, rng, pad_id: int = 0, **options) -> sampler.SampleOutput:
+    """`sampler.sample` of this process's prompts; numpy arrays of this process's rows.
+
+    Every process's prompts go into one call, so its inputs agree across processes and its
+    rows spread over the whole mesh. `rng` must be the same on every process; `options` are
+    `sampler.sample`'s other keyword arguments.
+    """
+    tokens_BxP, lengths_B = sampler.pad_prompts(prompts, pad_id)
+    if jax.process_count() > 1:
+        # One width for all: the longest prompt of any process.
+        width = int(multihost_utils.process_allgather(np.int32(tokens_BxP.shape[1])).max())
+        tokens_BxP = np.pad(
+            tokens_BxP, ((0, 0), (0, width - tokens_BxP.shape[1])), constant_values=pad_id
+        )
+    out = sampler.sample(
+        params, cfg, all_process_rows((tokens_BxP, lengths_B)), rng=rng, pad_id=pad_id, **options
+    )
+    return own_rows(jax.tree.map(host_value, out), len(lengths_B))
 
 
 def user_prompt_tokens(tokenizer, question: str) -> list[int]:
@@ -76,10 +124,10 @@ def generate(
             pad_id=tokenizer.pad_id,
             num_samples=num_samples,
         )
-        tokens = np.asarray(out.tokens_BxNxT)
-        logprobs = np.asarray(out.logprobs_BxNxT)
-        lengths = np.asarray(out.lengths_BxN)
-        done = np.asarray(out.done_BxN)
+        tokens = host_value(out.tokens_BxNxT)
+        logprobs = host_value(out.logprobs_BxNxT)
+        lengths = host_value(out.lengths_BxN)
+        done = host_value(out.done_BxN)
         for row, question in enumerate(questions[start : start + len(chunk)]):
             samples = []
             for n in range(num_samples):

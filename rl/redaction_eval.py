@@ -18,12 +18,12 @@ it counts as wrong and as an overflow.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from data.format import Dialogue, Turn
 from data.multiturn import conversation, conversation_dialogue, whole_answer
@@ -258,15 +258,14 @@ def evaluate_redaction(
     return summary
 
 
-def write(summary: dict, out_dir: str) -> tuple[str, str]:
-    """Writes the JSON and markdown files; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, md_path = os.path.join(out_dir, JSON_FILE), os.path.join(out_dir, MARKDOWN_FILE)
-    with open(json_path, "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(md_path, "w") as f:
-        f.write(markdown(summary))
-    return json_path, md_path
+def write(summary: dict, out_dir: epath.PathLike) -> tuple[str, str]:
+    """Writes the JSON and markdown files into `out_dir` (local or gs://); returns their paths."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / JSON_FILE, out / MARKDOWN_FILE
+    json_path.write_text(json.dumps(summary, indent=2))
+    md_path.write_text(markdown(summary))
+    return str(json_path), str(md_path)
 
 
 def load_test_problems(run, workdir: str) -> list[Problem]:
@@ -296,8 +295,7 @@ def main(argv):
         seed=f.seed,
     )
     _, md_path = write(summary, f.out or f.workdir)
-    with open(md_path) as file:
-        print(file.read())
+    print(epath.Path(md_path).read_text())
 
 
 if __name__ == "__main__":

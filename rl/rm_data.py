@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from data import builder as builder_lib
 from data import format as fmt
@@ -314,7 +315,7 @@ def corrupted_pairs(corrupted: Sequence[Problem], clean_split, tokenizer) -> lis
 def policy_dir(config) -> str:
     """The SFT workdir the RM data samples from (`config.init_from`), checked."""
     path = config.init_from
-    if not path or not os.path.isdir(os.path.join(path, "checkpoints")):
+    if not path or not (epath.Path(path) / "checkpoints").is_dir():
         raise FileNotFoundError(
             f"init_from={path!r} is not an SFT workdir with checkpoints/. Reward-model data is "
             "sampled from an SFT run: train one (python -m train.main --config=sft.py "

@@ -19,12 +19,12 @@ dropped), or an under-trained checkpoint with `--policy_step`.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 
 from data.builder import canonical_prompt, load_split, record_to_problem
 from data.tasks import generate_problems
@@ -245,19 +245,21 @@ def plot(result: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 
-def write(result: dict, out: str) -> tuple[str, str]:
-    """Writes the json (atomically) and the png into `out`; returns their paths."""
-    os.makedirs(out, exist_ok=True)
-    json_path, png_path = os.path.join(out, RESULT_FILE), os.path.join(out, PLOT_FILE)
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(json_path + ".tmp", json_path)
-    plot(result, png_path)
-    return json_path, png_path
+def write(result: dict, out: epath.PathLike) -> tuple[str, str]:
+    """Writes the json (atomically) and the png into `out` (local or gs://); returns their paths."""
+    out = epath.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / RESULT_FILE, out / PLOT_FILE
+    tmp = json_path.with_name(f"{RESULT_FILE}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(json_path)
+    plot(result, str(png_path))
+    return str(json_path), str(png_path)
 
 
 # ----------------------------------------------------------------------------- CLI

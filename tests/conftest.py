@@ -1,11 +1,18 @@
-"""Shared test setup: eight forced CPU devices and a tiny model.
+"""Shared test setup: eight forced CPU devices, a tiny model and one finished tiny SFT run.
 
 XLA reads XLA_FLAGS once, when JAX first creates its CPU backend. pytest imports this root
 conftest before any test module, so adding the flag here at import time is the earliest point
 that works: sharding tests then see 8 devices while single-device tests run on device 0.
+
+The fixtures live here, not in a package's conftest, so that session fixtures (the tiny run
+above all) are built once per test session whichever folders use them.
 """
 
+from __future__ import annotations
+
 import os
+import subprocess
+import sys
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -15,6 +22,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from model import config, transformer  # noqa: E402
+from train.configs import sft  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +37,39 @@ def tiny_cfg() -> config.ModelConfig:
 def tiny_params(tiny_cfg):
     """Plain float32 parameters of the tiny model (scanned layers, untied head)."""
     return transformer.init_params(tiny_cfg, jax.random.PRNGKey(0))
+
+
+def tiny_config(**overrides):
+    """The `sft.py:tiny` config with dotted-key overrides, unlocked for tests."""
+    config = sft.get_config("tiny")
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def run_cli(module: str, *args: str, timeout: float = 600, check: bool = True):
+    """Runs `python -m module args...` from the repo root; returns the CompletedProcess."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished `sft.py:tiny` run (through the real CLI): its workdir."""
+    workdir = str(tmp_path_factory.mktemp("tiny_sft"))
+    run_cli("train.main", "--config=sft.py:tiny", f"--workdir={workdir}")
+    return workdir

@@ -9,10 +9,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 name=$1 zone=$2
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# The working tree as git sees it (tracked and new files, nothing ignored such as workdirs/).
+# The working tree as git sees it (tracked and new files, nothing ignored such as workdirs/);
+# a tracked file deleted but not yet committed stays behind, as in the working tree.
 archive=$(mktemp --suffix=.tar.gz)
 trap 'rm -f "$archive"' EXIT
 git -C "$repo" ls-files -z --cached --others --exclude-standard \
+  | (cd "$repo" && while IFS= read -r -d '' path; do
+      if [[ -e $path ]]; then printf '%s\0' "$path"; fi
+    done) \
   | tar -C "$repo" --null -czf "$archive" -T -
 
 gcloud compute tpus tpu-vm scp "$archive" "$name:thinkax.tar.gz" --zone="$zone" --worker=all

@@ -14,20 +14,17 @@ workdir may be local or a gs:// URI.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from data.build import is_remote
 from train.step import TrainState
+from train.workdir import absolute
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
     """`workdir/checkpoints`, made absolute when local (Orbax wants absolute paths)."""
-    path = epath.Path(workdir) / "checkpoints"
-    return path if is_remote(path) else epath.Path(os.path.abspath(path))
+    return absolute(workdir) / "checkpoints"
 
 
 def make_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -92,25 +89,43 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
 
 
-def load_params(workdir: str, abstract_params=None, step: int | None = None):
-    """Restores only the parameters of checkpoint `step` (default: newest) of `workdir`.
-
-    With `abstract_params` (ShapeDtypeStructs with shardings) the arrays land sharded;
-    without, they land on the default device with the saved shapes.
-    """
+def _params_manager(workdir: str) -> ocp.CheckpointManager:
+    """A read-only manager of the "params" item; raises if `workdir` has no checkpoints."""
     path = checkpoint_dir(workdir)
     if not path.is_dir():
         raise FileNotFoundError(f"No checkpoints in {workdir}: run train.main there first")
     # A handler given up front (not just the item name) makes the saved shapes readable, so
-    # a checkpoint from any topology (another mesh, several hosts) lands on this device.
-    handlers = {"params": ocp.StandardCheckpointHandler()}
-    with ocp.CheckpointManager(path, item_handlers=handlers) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{path} holds no complete checkpoint")
+    # a checkpoint from any topology (another mesh, several hosts) restores anywhere.
+    return ocp.CheckpointManager(path, item_handlers={"params": ocp.StandardCheckpointHandler()})
+
+
+def _step_or_latest(manager: ocp.CheckpointManager, step: int | None) -> int:
+    """`step`, or the newest complete one; raises if there is none."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{manager.directory} holds no complete checkpoint")
+    return step
+
+
+def params_metadata(workdir: str, step: int | None = None):
+    """(tree of the saved parameters' shapes and dtypes, step), without reading any array."""
+    with _params_manager(workdir) as manager:
+        step = _step_or_latest(manager, step)
+        return manager.item_metadata(step)["params"], step
+
+
+def load_params(workdir: str, abstract_params=None, step: int | None = None):
+    """Restores only the parameters of checkpoint `step` (default: newest) of `workdir`.
+
+    With `abstract_params` (ShapeDtypeStructs with shardings, the saved tree's structure)
+    the arrays land in those shards, on any mesh and across processes; without, they land
+    on this process's first device with the saved shapes.
+    """
+    with _params_manager(workdir) as manager:
+        step = _step_or_latest(manager, step)
         if abstract_params is None:
             metadata = manager.item_metadata(step)["params"]
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             abstract_params = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata
             )

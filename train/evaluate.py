@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 
 from data.builder import record_to_problem
 from data.format import parse_assistant
@@ -146,12 +146,13 @@ def scalar_summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
 
-def write_eval(workdir: str, result: dict, step: int) -> None:
-    """Writes eval.json atomically, so a reader never sees half a file."""
-    path = os.path.join(workdir, EVAL_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"step": step, **result}, f, indent=2)
-    os.replace(path + ".tmp", path)
+def write_eval(workdir: epath.PathLike, result: dict, step: int) -> None:
+    """Writes `workdir/eval.json` (a local path or gs://) so a reader never sees half a file."""
+    path = epath.Path(workdir) / EVAL_FILE
+    # Local files are renamed into place; a cloud object appears whole anyway.
+    tmp = path.with_name(f"{EVAL_FILE}.tmp")
+    tmp.write_text(json.dumps({"step": step, **result}, indent=2))
+    tmp.replace(path)
 
 
 def format_table(result: dict) -> str:

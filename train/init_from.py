@@ -4,17 +4,21 @@ Later stages begin where SFT ended: a reward model or a PPO policy sets
 `init_from=<sft workdir>`, takes its model config, parameters and tokenizer, and adds the
 scalar heads it needs (freshly initialized). A Hugging Face Llama directory works the same
 way through model.hf; its sentencepiece `tokenizer.model`, if present, is adapted to the
-thinking markers and the embeddings grow to the new vocabulary.
+thinking markers and the embeddings grow to the new vocabulary. A workdir may be local or a
+gs:// URI (every file goes through `etils.epath`); a Hugging Face directory must be local,
+because safetensors and sentencepiece read local files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import json
 import os
 
 import jax
+from etils import epath
 
+from data.build import is_remote
 from train import checkpoint
 from train import workdir as workdir_lib
 
@@ -33,11 +37,15 @@ def find_source(init_from: str) -> InitSource | None:
     """Classifies `config.init_from`; raises with a clear message if it is neither kind."""
     if not init_from:
         return None
-    if os.path.isdir(os.path.join(init_from, "checkpoints")):
+    path = epath.Path(init_from)
+    if (path / "checkpoints").is_dir():
         return InitSource("workdir", init_from)
-    if os.path.exists(os.path.join(init_from, "config.json")) and glob.glob(
-        os.path.join(init_from, "*.safetensors")
-    ):
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        if is_remote(init_from):
+            raise ValueError(
+                f"init_from={init_from!r} is a Hugging Face directory in cloud storage; copy it "
+                "to a local folder first (safetensors reads local files only)"
+            )
         return InitSource("hf", init_from)
     raise FileNotFoundError(
         f"init_from={init_from!r} is neither a train.main workdir (with checkpoints/) nor a "
@@ -47,21 +55,23 @@ def find_source(init_from: str) -> InitSource | None:
 
 def prepare_tokenizer(source: InitSource | None, workdir: str) -> None:
     """Puts the source's tokenizer into `workdir` before data preparation reads it."""
-    if source is None or os.path.exists(os.path.join(workdir, workdir_lib.TOKENIZER_FILE)):
+    target = epath.Path(workdir) / workdir_lib.TOKENIZER_FILE
+    if source is None or target.exists():
         return
     if source.kind == "workdir":
         workdir_lib.copy_tokenizer(source.path, workdir)
         return
-    spm = os.path.join(source.path, "tokenizer.model")
-    if not os.path.exists(spm):
+    spm = epath.Path(source.path) / "tokenizer.model"
+    if not spm.exists():
         raise FileNotFoundError(
             f"{source.path} has no sentencepiece tokenizer.model; set data.tokenizer_path to one"
         )
     from data.tokenizer import adapt_tokenizer
 
-    tokenizer, added = adapt_tokenizer(spm)
+    tokenizer, added = adapt_tokenizer(os.fspath(spm))
     if jax.process_index() == 0:
-        tokenizer.save(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(tokenizer.proto_bytes)
         print(f"Adapted {spm}: added {added} special tokens, vocab size {tokenizer.vocab_size}")
 
 
@@ -76,12 +86,9 @@ def source_model_config(source: InitSource | None, model_overrides, vocab_size: 
     if source.kind == "workdir":
         cfg = workdir_lib.model_config_of(workdir_lib.read_config(source.path))
     else:
-        import json
-
         from model.hf import config_from_hf
 
-        with open(os.path.join(source.path, "config.json")) as f:
-            cfg = config_from_hf(json.load(f))
+        cfg = config_from_hf(json.loads((epath.Path(source.path) / "config.json").read_text()))
     numerics = {k: model_overrides[k] for k in NUMERICS_FIELDS if model_overrides[k] is not None}
     cfg = dataclasses.replace(cfg, **numerics)
     if cfg.vocab_size < vocab_size:
@@ -89,28 +96,64 @@ def source_model_config(source: InitSource | None, model_overrides, vocab_size: 
     return cfg
 
 
-def load_params(source: InitSource, model_cfg, fresh_params):
-    """Source parameters placed like `fresh_params`; heads the source lacks stay fresh."""
-    if source.kind == "workdir":
-        loaded, _ = checkpoint.load_params(source.path)
-    else:
-        from model import hf
+def load_params(source: InitSource, model_cfg, like) -> dict:
+    """The source's trunk (every part but the scalar heads), placed in the shardings of `like`.
 
-        hf_cfg, loaded = hf.load_llama(source.path, scan_layers=model_cfg.scan_layers)
-        if hf_cfg.vocab_size < model_cfg.vocab_size:
-            _, loaded = hf.resize_embeddings(hf_cfg, loaded, model_cfg.vocab_size)
+    `like` is the model's parameter tree, abstract (ShapeDtypeStructs with shardings) or
+    real; `train.state.init_state(..., params=trunk)` initializes the heads.
+    """
+    if source.kind == "workdir":
+        return restore_trunk(source.path, like)
+    from model import hf
+
+    # Host arrays, the same on every process: device_put may spread them over processes.
+    hf_cfg, loaded = hf.load_llama(source.path, scan_layers=model_cfg.scan_layers)
+    if hf_cfg.vocab_size < model_cfg.vocab_size:
+        _, loaded = hf.resize_embeddings(hf_cfg, loaded, model_cfg.vocab_size)
     trunk = {k: v for k, v in loaded.items() if k not in HEAD_KEYS}
-    missing = set(fresh_params) - set(trunk) - set(HEAD_KEYS)
+    _check_trunk(source.path, trunk, like)
+    return {
+        key: jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), subtree, like[key])
+        for key, subtree in trunk.items()
+        if key in like
+    }
+
+
+def restore_trunk(workdir: str, like) -> dict:
+    """A run's newest parameters without scalar heads, restored into the shardings of `like`.
+
+    Orbax reads each shard straight onto its devices, so this works on any mesh and with
+    several processes (a device_put of arrays held by one process could not).
+    """
+    metadata, _ = checkpoint.params_metadata(workdir)
+    _check_trunk(workdir, {k: v for k, v in metadata.items() if k not in HEAD_KEYS}, like)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(key, subtree):
+        if key in like and key not in HEAD_KEYS:
+            return jax.tree.map(
+                lambda m, t: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=t.sharding),
+                subtree,
+                like[key],
+            )
+        # Saved parts this model does not use (another objective's head): read, then dropped.
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), subtree
+        )
+
+    restored, _ = checkpoint.load_params(
+        workdir, {key: abstract(key, subtree) for key, subtree in metadata.items()}
+    )
+    return {key: value for key, value in restored.items() if key in like and key not in HEAD_KEYS}
+
+
+def _check_trunk(path: str, trunk, like) -> None:
+    """Raises unless `trunk` holds every non-head part of `like` in the same shapes."""
+    missing = set(like) - set(trunk) - set(HEAD_KEYS)
     if missing:
-        raise ValueError(f"init_from={source.path} lacks parameters {sorted(missing)}")
-    params = dict(fresh_params)
-    for key, subtree in trunk.items():
-        if key not in fresh_params:
-            continue
-        target = fresh_params[key]
-        jax.tree.map(_check_shape(key), subtree, target)
-        params[key] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), subtree, target)
-    return params
+        raise ValueError(f"init_from={path} lacks parameters {sorted(missing)}")
+    for key in set(trunk) & set(like):
+        jax.tree.map(_check_shape(key), trunk[key], like[key])
 
 
 def _check_shape(key):

@@ -120,13 +120,12 @@ def _restore_or_init(config, setup, manager, producer, tx, abstract_state, shard
     if manager.latest_step() is not None:
         logging.info("Resuming from checkpoint step %d", manager.latest_step())
         return checkpoint.restore(manager, abstract_state, producer.restore_args())
-    state = init_state(setup.model, tx, config.seed, shardings)
     source = init_from.find_source(config.init_from)
+    trunk = None
     if source is not None:
-        params = init_from.load_params(source, setup.model_cfg, state.params)
-        state = init_state(setup.model, tx, config.seed, shardings, params=params)
+        trunk = init_from.load_params(source, setup.model_cfg, abstract_state.params)
         logging.info("Initialized parameters from %s", source.path)
-    return state
+    return init_state(setup.model, tx, config.seed, shardings, params=trunk)
 
 
 def _loop(config, workdir, setup: Setup, objective, state, step_fn, producer, manager) -> dict:

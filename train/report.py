@@ -16,7 +16,8 @@ redaction_eval.md; writes DIR/report.md and PNGs under DIR/report/:
 
 then a few sampled dialogues rendered with their thinking blocks. `--gather` adds a section
 for every sibling run workdir (e.g. ../sft, ../orm, ../prm next to ../rl). The trainer calls
-`write_report(workdir)` at the end of each run.
+`write_report(workdir)` at the end of each run. The workdir may be local or a gs:// URI: every
+file goes through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
+from etils import epath
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from data.format import parse_assistant
 from train.metrics import read_metrics
+from train.workdir import absolute
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "report"
@@ -56,47 +58,41 @@ class RunFiles:
     redaction_md: str | None
 
 
-def _read_json(path: str) -> dict | None:
+def _read_json(path: epath.Path) -> dict | None:
     """A JSON file's object, or None if the file is missing or not JSON."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def load_run_files(workdir: str) -> RunFiles:
+def load_run_files(workdir: epath.PathLike) -> RunFiles:
     """Reads the files of one run workdir."""
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    redaction_path = os.path.join(workdir, "redaction_eval.md")
-    redaction = None
-    if os.path.exists(redaction_path):
-        with open(redaction_path) as f:
-            redaction = f.read()
+    path = epath.Path(workdir)
+    metrics_path, redaction_path = path / "metrics.jsonl", path / "redaction_eval.md"
     return RunFiles(
-        name=os.path.basename(os.path.normpath(workdir)),
-        workdir=workdir,
-        config=_read_json(os.path.join(workdir, "config.json")),
-        metrics=read_metrics(metrics_path) if os.path.exists(metrics_path) else [],
-        eval=_read_json(os.path.join(workdir, "eval.json")),
-        search=_read_json(os.path.join(workdir, "search_eval.json")),
-        redaction_md=redaction,
+        name=path.name,
+        workdir=str(workdir),
+        config=_read_json(path / "config.json"),
+        metrics=read_metrics(metrics_path) if metrics_path.exists() else [],
+        eval=_read_json(path / "eval.json"),
+        search=_read_json(path / "search_eval.json"),
+        redaction_md=redaction_path.read_text() if redaction_path.exists() else None,
     )
 
 
-def is_run_dir(path: str) -> bool:
+def is_run_dir(path: epath.PathLike) -> bool:
     """Whether `path` holds the files of a train.main run."""
-    return any(os.path.exists(os.path.join(path, f)) for f in ("metrics.jsonl", "eval.json"))
+    return any((epath.Path(path) / f).exists() for f in ("metrics.jsonl", "eval.json"))
 
 
-def sibling_runs(workdir: str) -> list[str]:
+def sibling_runs(workdir: epath.PathLike) -> list[str]:
     """Other run workdirs next to `workdir`, by name."""
-    parent = os.path.dirname(os.path.abspath(workdir))
-    me = os.path.abspath(workdir)
+    me = absolute(workdir)
     return [
-        path
-        for path in (os.path.join(parent, n) for n in sorted(os.listdir(parent)))
-        if os.path.isdir(path) and os.path.abspath(path) != me and is_run_dir(path)
+        str(path)
+        for path in sorted(me.parent.iterdir(), key=lambda p: p.name)
+        if path != me and path.is_dir() and is_run_dir(path)
     ]
 
 
@@ -172,7 +168,8 @@ def _log_y(ax) -> None:
 def _save(fig: Figure, path: str) -> str:
     """Writes a figure as PNG; returns its path."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     return path
 
 
@@ -316,8 +313,8 @@ def render_sample(sample: dict) -> str:
 
 
 def _link(path: str | None, base: str, title: str) -> list[str]:
-    """A markdown image line for a written plot."""
-    return [f"![{title}]({os.path.relpath(path, base)})", ""] if path else []
+    """A markdown image line for a written plot (which lies under `base`)."""
+    return [f"![{title}]({epath.Path(path).relative_to(base)})", ""] if path else []
 
 
 def _header(files: RunFiles) -> list[str]:
@@ -368,10 +365,10 @@ def run_section(
     files: RunFiles, plots_dir: str, base: str, count: Callable[[str], int]
 ) -> list[str]:
     """The markdown of one run, writing its plots into `plots_dir`."""
-    os.makedirs(plots_dir, exist_ok=True)
+    epath.Path(plots_dir).mkdir(parents=True, exist_ok=True)
 
     def plot(name: str) -> str:
-        return os.path.join(plots_dir, f"{files.name}_{name}.png")
+        return str(epath.Path(plots_dir) / f"{files.name}_{name}.png")
 
     lines = _header(files) + ["### Training curves", ""]
     drawn = plot_losses(files.metrics, plot("losses"))
@@ -394,36 +391,36 @@ def run_section(
     return lines
 
 
-def _token_counter(workdir: str) -> Callable[[str], int]:
+def _token_counter(workdir: epath.PathLike) -> Callable[[str], int]:
     """Counts tokens with the run's tokenizer, or words when it has none."""
-    path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
+    path = epath.Path(workdir) / "tokenizer.model"
+    if path.exists():
         from data.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(path)
+        tokenizer = Tokenizer.from_proto(path.read_bytes())
         return lambda text: len(tokenizer.encode(text))
     return lambda text: len(text.split())
 
 
-def write_report(workdir: str, gather: bool = False) -> str:
+def write_report(workdir: epath.PathLike, gather: bool = False) -> str:
     """Writes `workdir/report.md` and its plots; returns the report's path."""
-    if not os.path.isdir(workdir):
+    base = epath.Path(workdir)
+    if not base.is_dir():
         raise FileNotFoundError(f"{workdir} is not a directory: pass a train.main workdir")
-    plots_dir = os.path.join(workdir, PLOTS_DIR)
-    runs = [workdir] + (sibling_runs(workdir) if gather else [])
-    lines = [f"# Report: {os.path.basename(os.path.normpath(workdir))}", ""]
+    runs = [str(workdir)] + (sibling_runs(workdir) if gather else [])
+    lines = [f"# Report: {base.name}", ""]
     if gather:
-        lines += [
-            "Runs: " + ", ".join(f"`{os.path.basename(os.path.normpath(r))}`" for r in runs),
-            "",
-        ]
+        lines += ["Runs: " + ", ".join(f"`{epath.Path(r).name}`" for r in runs), ""]
     for run in runs:
-        lines += run_section(load_run_files(run), plots_dir, workdir, _token_counter(run))
-    path = os.path.join(workdir, REPORT_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+        lines += run_section(
+            load_run_files(run), str(base / PLOTS_DIR), str(base), _token_counter(run)
+        )
+    path = base / REPORT_FILE
+    # Local files are renamed into place; a cloud object appears whole anyway.
+    tmp = path.with_name(f"{REPORT_FILE}.tmp")
+    tmp.write_text("\n".join(lines).rstrip() + "\n")
+    tmp.replace(path)
+    return str(path)
 
 
 def main(argv):

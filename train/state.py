@@ -76,17 +76,20 @@ def state_shardings(abstract_params, p_shardings, tx, mesh):
 
 
 def init_state(model, tx, seed: int, shardings: TrainState, params=None) -> TrainState:
-    """A fresh TrainState created in its shards; `params` (already placed) skip the init."""
+    """A fresh TrainState created in its shards.
 
-    def make(rng, params):
+    `params` (a dict of top-level parameter parts, already placed, e.g. a loaded trunk)
+    replace those parts of the fresh init; XLA drops their unused initializers, so only the
+    rest (new heads) is computed and compiled.
+    """
+
+    def make(rng, given):
         init_rng, state_rng = jax.random.split(rng)
-        if params is None:
-            params = sharding_lib.unbox(model.init(init_rng, dummy_tokens())["params"])
+        fresh = sharding_lib.unbox(model.init(init_rng, dummy_tokens())["params"])
+        params = {**fresh, **given}
         return TrainState(
             step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=state_rng
         )
 
-    rng = jax.random.PRNGKey(seed)
-    if params is None:
-        return jax.jit(lambda r: make(r, None), out_shardings=shardings)(rng)
-    return jax.jit(make, out_shardings=shardings, donate_argnums=1)(rng, params)
+    given = {} if params is None else dict(params)
+    return jax.jit(make, out_shardings=shardings, donate_argnums=1)(jax.random.PRNGKey(seed), given)

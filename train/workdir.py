@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
 import ml_collections
 from etils import epath
 
+from data.build import is_remote
 from model.config import ModelConfig, get_preset
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
+
+
+def absolute(path: epath.PathLike) -> epath.Path:
+    """`path` made absolute when local; a URI such as gs://bucket/run is already absolute."""
+    return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(path))
 
 
 def resolve_model_config(model: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

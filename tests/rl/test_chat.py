@@ -22,7 +22,7 @@ from data.multiturn import conversation, conversation_dialogue
 from data.tasks.addition import ADDITION
 from data.tokenizer import train_tokenizer
 from rl import chat
-from tests.train.conftest import REPO, run_cli, tiny_run  # noqa: F401 (tiny_run: a fixture)
+from tests.conftest import REPO, run_cli
 
 STATS_RE = re.compile(r"\[context: (\d+) tokens; redaction saved (\d+) tokens\]")
 
@@ -97,7 +97,7 @@ def test_bad_options_say_what_to_fix(options, message):
         chat.ReplyOptions(**options)
 
 
-def test_tiny_chat_reads_turns_from_stdin(tiny_run):  # noqa: F811
+def test_tiny_chat_reads_turns_from_stdin(tiny_run):
     proc = subprocess.run(
         [sys.executable, "-m", "rl.chat", f"--workdir={tiny_run}", "--max_new_tokens=8"],
         input="What is 4821 + 937?\n\nNow add 17 to that.\n",
@@ -114,7 +114,7 @@ def test_tiny_chat_reads_turns_from_stdin(tiny_run):  # noqa: F811
     assert len(contexts) == 2 and 0 < contexts[0] < contexts[1]
 
 
-def test_sample_prompt_reranks_and_displays(tiny_run):  # noqa: F811
+def test_sample_prompt_reranks_and_displays(tiny_run):
     proc = run_cli(
         "rl.sample",
         f"--workdir={tiny_run}",

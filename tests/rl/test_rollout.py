@@ -149,6 +149,9 @@ def setup(tmp_path_factory):
     cfg = get_preset("tiny", vocab_size=prepared.tokenizer.vocab_size, max_seq_len=512)
     model = transformer.Transformer(cfg, heads=("value",))
     params = transformer.init_params(cfg, jax.random.PRNGKey(1), heads=("value",))
+    # A nonzero value head, whatever its init, so that the old values are visible in batches.
+    kernel_Dx1 = params["value_head"]["kernel"]
+    params["value_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), kernel_Dx1.shape)
     ref_dir = str(tmp_path_factory.mktemp("ref"))
     state = TrainState(step=np.int32(0), params=params, opt_state={}, rng=jax.random.PRNGKey(0))
     with checkpoint.make_manager(ref_dir, keep=1, async_save=False) as manager:

@@ -16,7 +16,7 @@ from data.tokenizer import Tokenizer
 from rl import rerank, search_eval
 from rl.reward_model import step_end_positions
 from rl.search_beam import SearchTokens
-from tests.train.conftest import run_cli, tiny_run  # noqa: F401  (tiny_run is a fixture)
+from tests.conftest import run_cli
 from train.checkpoint import load_params
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -99,7 +99,7 @@ def _reward_workdir(sft_workdir: str, workdir: str, kind: str, seed: int) -> str
     return workdir
 
 
-def test_search_tokens_end_steps_where_the_prm_scores_them(tiny_run):  # noqa: F811
+def test_search_tokens_end_steps_where_the_prm_scores_them(tiny_run):
     tokenizer = Tokenizer.load(os.path.join(tiny_run, "tokenizer.model"))
     ids = SearchTokens.from_tokenizer(tokenizer)
     problem = get_task("multiplication").generate(np.random.default_rng(0))
@@ -115,7 +115,7 @@ def test_search_tokens_end_steps_where_the_prm_scores_them(tiny_run):  # noqa: F
     np.testing.assert_array_equal(ends, step_end_positions(tokens, tokenizer))
 
 
-def test_cli_end_to_end_on_a_tiny_run(tiny_run, tmp_path):  # noqa: F811
+def test_cli_end_to_end_on_a_tiny_run(tiny_run, tmp_path):
     orm = _reward_workdir(tiny_run, str(tmp_path / "orm"), "orm", seed=1)
     prm = _reward_workdir(tiny_run, str(tmp_path / "prm"), "prm", seed=2)
     out = str(tmp_path / "out")

@@ -6,9 +6,6 @@ so a run may resume on a different topology (more hosts, another rule set).
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,8 +16,8 @@ from data import build
 from model import sharding as sharding_lib
 from model.config import get_preset
 from model.transformer import Transformer
-from tests.train.conftest import tiny_config
-from train import checkpoint, metrics, workdir
+from tests.conftest import tiny_config
+from train import checkpoint
 from train.optim import make_optimizer
 from train.state import param_shardings, state_shardings
 
@@ -112,20 +109,3 @@ def test_remote_workdirs_keep_data_in_a_local_cache(tmp_path):
     assert build.is_remote("gs://bucket/run") and not build.is_remote(str(tmp_path))
     assert build.data_root_for("gs://bucket/run") == epath.Path(build.LOCAL_DATA_CACHE)
     assert build.data_root_for(tmp_path) == epath.Path(tmp_path / "data")
-
-
-def test_workdir_files_through_epath(tmp_path, monkeypatch):
-    run = epath.Path(tmp_path) / "run"
-    run.mkdir()
-    config = tiny_config()
-    workdir.write_config(run, config)
-    assert workdir.read_config(str(run)).num_steps == config.num_steps
-
-    path = run / "metrics.jsonl"
-    for step in (1, 2, 3):
-        metrics.append_line(path, json.dumps({"step": step}) + "\n")
-    # A cloud object cannot be appended to: the remote branch rewrites the file instead.
-    monkeypatch.setattr(metrics, "is_remote", lambda p: True)
-    metrics.append_line(path, json.dumps({"step": 4}) + "\n")
-    metrics.truncate_metrics(path, 2)
-    assert [r["step"] for r in metrics.read_metrics(os.fspath(path))] == [1, 2]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.train.conftest import run_cli, tiny_config
+from tests.conftest import run_cli, tiny_config
 from train import checkpoint, objectives
 from train.loop import NonFiniteLossError, run
 from train.metrics import read_metrics

@@ -5,6 +5,8 @@ init, the jitted pure step, batches placed by `batches.to_global`, the rules act
 the step and any rollout trace) and compares every step's metrics (the loss among them) and
 the updated parameters with the same run on a one-device mesh, on 8 forced CPU devices.
 Objectives whose modules have not landed are skipped with the reason.
+
+The one-device run of each objective is made once per module and compared with every mesh.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import optax
 import pytest
 
 from model import sharding as sharding_lib
-from tests.train.conftest import tiny_config
+from tests.conftest import tiny_config
 from train import batches as batches_lib
 from train import init_from, loop
 from train.objectives import OBJECTIVES, get_objective
@@ -42,6 +44,15 @@ CONFIGS = {
 }
 # Mesh (data, fsdp, tensor) -> the rule set that exercises it.
 MESHES = {(8, 1, 1): "dp", (2, 4, 1): "fsdp", (2, 2, 2): "fsdp_tp", (1, 2, 4): "fsdp_tp"}
+# (objective, mesh) pairs: every mesh for SFT, PPO and GRPO. ORM and PRM are one model (the
+# reward head on the same data) whose losses read different tokens, so the two kinds of
+# reward model split the meshes between them: each mesh runs a reward model.
+REWARD_MESHES = {"orm": [(8, 1, 1), (2, 2, 2)], "prm": [(2, 4, 1), (1, 2, 4)]}
+CASES = [
+    (name, mesh)
+    for name in CONFIGS
+    for mesh in (REWARD_MESHES[name] if name in REWARD_MESHES else MESHES)
+]
 SIGNAL_REWARD = "test_even_token_share"  # registered in rl.rewards by add_signal_reward
 
 
@@ -98,12 +109,12 @@ def train_steps(config, setup: loop.Setup, mesh, rules: str) -> Trained:
     producer = batches_lib.make_producer(objective.batches, config, setup.prepared, model)
     abstract_params, p_shardings = param_shardings(model, mesh, setup.rules)
     tx, schedule = make_optimizer(config.optimizer, config.num_steps, abstract_params)
-    _, shardings = state_shardings(abstract_params, p_shardings, tx, mesh)
-    state = init_state(model, tx, config.seed, shardings)
+    abstract, shardings = state_shardings(abstract_params, p_shardings, tx, mesh)
     source = init_from.find_source(config.init_from)
+    trunk = None
     if source is not None:
-        params = init_from.load_params(source, setup.model_cfg, state.params)
-        state = init_state(model, tx, config.seed, shardings, params=params)
+        trunk = init_from.load_params(source, setup.model_cfg, abstract.params)
+    state = init_state(model, tx, config.seed, shardings, params=trunk)
     step_fn = jax.jit(
         functools.partial(
             train_step,
@@ -141,8 +152,14 @@ def prepared_runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mesh_shape", list(MESHES), ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_mesh_runs_every_kind_of_objective():
+    for group in (("sft",), ("orm", "prm"), ("ppo",), ("grpo",)):
+        assert {mesh for name, mesh in CASES if name in group} == set(MESHES), group
+
+
+@pytest.mark.parametrize(
+    "name, mesh_shape", CASES, ids=[f"{n}-{'x'.join(map(str, m))}" for n, m in CASES]
+)
 def test_sharded_steps_equal_one_device(name, mesh_shape, request, prepared_runs):
     config = objective_config(name, request)
     setup, expected = prepared_runs(name, config)

@@ -20,7 +20,7 @@ import pytest
 
 from model import sharding as sharding_lib
 from model.transformer import Transformer
-from tests.train.conftest import REPO
+from tests.conftest import REPO
 from train import checkpoint, workdir
 from train.metrics import read_metrics
 from train.objectives import get_objective

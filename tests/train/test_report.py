@@ -11,7 +11,7 @@ import pytest
 from matplotlib import image
 
 from data.format import ThinkingBlock, Turn, render_assistant
-from tests.train.conftest import run_cli
+from tests.conftest import run_cli
 from train import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

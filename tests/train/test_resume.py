@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.train.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli
 from train import checkpoint
 from train.metrics import read_metrics
 

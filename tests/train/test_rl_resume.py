@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.train.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli
 from tests.train.test_rl_objectives import make_policy_workdir
 from train import checkpoint
 from train.metrics import read_metrics
@@ -25,7 +25,7 @@ def args(policy: str, workdir: str) -> list[str]:
         f"--config.init_from={policy}",
         f"--config.num_steps={STEPS}",
         "--config.checkpoint_every=3",
-        "--config.rl.compare.num_problems=0",
+        "--config.rl.compare.table=False",
         f"--workdir={workdir}",
     ]
 

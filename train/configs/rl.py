@@ -104,14 +104,14 @@ def get_config(arg: str | None = None):
     r.orpo_lambda = 0.5
     r.forward_batch = 32
 
-    # Before/after table at the end of the run (rl/compare.py).
+    # Before/after table at the end of the run (rl/compare.py) on the eval problems below and as
+    # many of the harder level; evaluations during the run score greedy accuracy only.
     r.compare = {
-        "num_problems": 48,
+        "table": True,
         "num_samples": 8,
         "temperature": 1.0,
         "harder_task": TASK,
         "harder_knobs": HARDER_KNOBS,
-        "batch_size": 48,
     }
 
     rollouts = 12
@@ -122,7 +122,8 @@ def get_config(arg: str | None = None):
     c.optimizer.weight_decay = 0.0
     c.log_every = 4
     c.checkpoint_every = 20
-    c.eval.num_problems = 64
+    c.eval.split = "test"
+    c.eval.num_problems = 0  # the whole test split
     c.eval.batch_size = 64
     c.eval.max_new_tokens = r.max_new_tokens
 
@@ -151,7 +152,7 @@ def get_config(arg: str | None = None):
         r.length_free_tokens = 8
         r.reward_workers = 2
         r.forward_batch = 8
-        r.compare.num_problems, r.compare.num_samples, r.compare.batch_size = 4, 2, 8
+        r.compare.num_samples = 2
         rollouts = 3
         c.batch_size = 8
         c.optimizer.lr = 1e-3

@@ -1,0 +1,61 @@
+"""The before/after problems: eval.num_problems of eval.split (0: all), and as many harder."""
+
+from __future__ import annotations
+
+import pytest
+
+from data.builder import canonical_prompt, load_split
+from rl import compare
+from train.configs import rl as rl_configs
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from data.build import prepare
+
+    config = rl_configs.get_config("tiny")
+    config.data.train_size, config.data.validation_size, config.data.test_size = 16, 2, 5
+    return config, prepare(config.data, str(tmp_path_factory.mktemp("data")), verbose=False)
+
+
+def levels_for(prepared, **eval_overrides):
+    config, data = prepared
+    config = config.copy_and_resolve_references()
+    config.eval.update(eval_overrides)
+    return compare.held_out_levels(config, data)
+
+
+def test_zero_problems_means_the_whole_split(prepared):
+    levels = levels_for(prepared, split="test", num_problems=0)
+    test = load_split(prepared[1].builder, "test")
+    assert [p.prompt for p in levels[compare.TRAIN_LEVEL]] == [
+        test[i]["prompt"] for i in range(len(test))
+    ]
+    assert len(levels[compare.HARDER_LEVEL]) == len(test) == 5
+
+
+def test_a_count_takes_the_first_problems_of_the_split(prepared):
+    levels = levels_for(prepared, split="validation", num_problems=1)
+    validation = load_split(prepared[1].builder, "validation")
+    assert [p.prompt for p in levels[compare.TRAIN_LEVEL]] == [validation[0]["prompt"]]
+    assert len(levels[compare.HARDER_LEVEL]) == 1
+    # More than the split holds: the whole split.
+    assert len(levels_for(prepared, split="validation", num_problems=9)[compare.TRAIN_LEVEL]) == 2
+
+
+def test_harder_problems_are_harder_and_unseen_in_training(prepared):
+    config, data = prepared
+    levels = levels_for(prepared, num_problems=0)
+    train = load_split(data.builder, "train")
+    seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
+    harder = levels[compare.HARDER_LEVEL]
+    assert not seen & {canonical_prompt(p.prompt) for p in harder}
+    digits = config.rl.compare.harder_knobs["digits"]
+    assert all(p.task == config.rl.compare.harder_task for p in harder)
+    assert all(len(str(p.answer)) >= digits for p in harder)
+
+
+def test_an_empty_split_is_a_clear_error(prepared, monkeypatch):
+    monkeypatch.setattr(compare, "load_split", lambda builder, split: [])
+    with pytest.raises(ValueError, match="data.validation_size"):
+        levels_for(prepared, split="validation")
