@@ -39,16 +39,20 @@ def tiny_params(tiny_cfg):
     return transformer.init_params(tiny_cfg, jax.random.PRNGKey(0))
 
 
-def tiny_config(**overrides):
-    """The `sft.py:tiny` config with dotted-key overrides, unlocked for tests."""
-    config = sft.get_config("tiny")
+def apply_overrides(config, overrides):
+    """Sets each dotted key of `overrides` ("optimizer.lr") in `config`; returns `config`."""
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
+        for name in parents:
+            target = target[name]
         target[leaf] = value
     return config
+
+
+def tiny_config(**overrides):
+    """The `sft.py:tiny` config with dotted-key overrides, unlocked for tests."""
+    return apply_overrides(sft.get_config("tiny"), overrides)
 
 
 def run_cli(module: str, *args: str, timeout: float = 600, check: bool = True):

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from rl import rewards as R
+from tests.conftest import apply_overrides
 from train import checkpoint
 from train import workdir as workdir_lib
 from train.configs import rl as rl_configs
@@ -48,13 +49,7 @@ def policy_config(algo: str, init_from: str, **overrides):
     config.init_from = init_from
     config.data.train_size, config.data.validation_size, config.data.test_size = 32, 4, 4
     config.rl.compare.table = False
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            target = target[name]
-        target[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")
