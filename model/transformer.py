@@ -30,7 +30,9 @@ _KV = ("batch", "length", "heads", "kv")
 # Queries are constrained grouped by kv head so q and k always split alike: splitting q by head
 # and k by head dim (when K does not divide the tensor axis) gave XLA wrong gradients.
 _GROUPED_Q = ("batch", "length", "heads", None, "kv")
-CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+# Heads before slots: a decode step's score and value dots then read each (row, kv head)'s
+# keys as one contiguous [S, Dh] matrix, which halved their time on CPU against [S, K, Dh].
+CACHE_AXES = ("layers", "batch", "heads", "length", "kv")
 _HEAD_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -41,21 +43,21 @@ _HEAD_NAME = re.compile(r"[a-z][a-z0-9_]*")
 class KVCache:
     """Keys and values of every layer; slot s of row b holds the token at position s."""
 
-    k: Array  # [Y, B, S, K, Dh] in the compute dtype
-    v: Array  # [Y, B, S, K, Dh]
+    k: Array  # [Y, B, K, S, Dh] in the compute dtype
+    v: Array  # [Y, B, K, S, Dh]
     end_index: Array  # [B] int32: slots written so far, i.e. the next token's position
 
     @property
     def max_len(self) -> int:
         """S, the number of slots."""
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache of `max_len` slots for `batch` rows."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros_YxBxSxKxDh = with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
-    return KVCache(k=zeros_YxBxSxKxDh, v=zeros_YxBxSxKxDh, end_index=jnp.zeros((batch,), jnp.int32))
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    zeros_YxBxKxSxDh = with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
+    return KVCache(k=zeros_YxBxKxSxDh, v=zeros_YxBxKxSxDh, end_index=jnp.zeros((batch,), jnp.int32))
 
 
 @flax.struct.dataclass
@@ -168,24 +170,27 @@ class RMSNorm(nn.Module):
         return (x * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
-def attend(q_BxLxKxGxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, mask_BxLxS: Array) -> Array:
+def attend(q_BxLxKxGxDh: Array, k_BxKxSxDh: Array, v_BxKxSxDh: Array, mask_BxLxS: Array) -> Array:
     """Grouped-query softmax attention: the G query heads of group k read kv head k."""
     q_BxLxKxGxDh = q_BxLxKxGxDh * q_BxLxKxGxDh.shape[-1] ** -0.5
     scores_BxKxGxLxS = jnp.einsum(
-        "blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh, preferred_element_type=jnp.float32
+        "blkgd,bksd->bkgls", q_BxLxKxGxDh, k_BxKxSxDh, preferred_element_type=jnp.float32
     )
     scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, _MASKED)
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
-    return jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxDh)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxKxSxDh.dtype)
+    return jnp.einsum("bkgls,bksd->blkgd", probs_BxKxGxLxS, v_BxKxSxDh)
 
 
-def _write_rows(cache_BxSxKxDh: Array, new_BxLxKxDh: Array, start_B: Array) -> Array:
-    """Writes each row's L new entries at its own slot offset."""
-
-    def write(cache_SxKxDh, new_LxKxDh, start):
-        return jax.lax.dynamic_update_slice(cache_SxKxDh, new_LxKxDh, (start, 0, 0))
-
-    return jax.vmap(write)(cache_BxSxKxDh, new_BxLxKxDh.astype(cache_BxSxKxDh.dtype), start_B)
+def _write_cache(cache_YxBxKxSxDh: Array, new_BxLxKxDh: Array, start_B: Array, layer) -> Array:
+    """Writes each row's L new entries of `layer` at the row's own slot offset, in place."""
+    B, L = new_BxLxKxDh.shape[:2]
+    rows_BxL = jnp.broadcast_to(jnp.arange(B)[:, None], (B, L))
+    slots_BxL = start_B[:, None] + jnp.arange(L)[None, :]
+    # One scatter into the carried stack: (row, slot) pairs index axes 1 and 3, and NumPy
+    # indexing puts those index dims first, so the update is laid out [B, L, K, Dh] as given.
+    return cache_YxBxKxSxDh.at[layer, rows_BxL, :, slots_BxL, :].set(
+        new_BxLxKxDh.astype(cache_YxBxKxSxDh.dtype), mode="promise_in_bounds"
+    )
 
 
 class Attention(nn.Module):
@@ -200,8 +205,10 @@ class Attention(nn.Module):
         positions_BxL: Array,
         mask_BxLxS: Array,
         kv: tuple[Array, Array] | None,
+        layer: Array | int,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """(output [B, L, D], updated (k, v) slots [B, S, K, Dh] or None)."""
+        """(output [B, L, D], the (k, v) cache of every layer [Y, B, K, S, Dh] with this layer's
+        L new entries written, or None without a cache)."""
         cfg = self.cfg
         D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         in_axes = ("embed", "heads", "kv")
@@ -216,14 +223,19 @@ class Attention(nn.Module):
         k_BxLxKxDh = with_logical_constraint(apply_rope(k_BxLxKxDh, positions_BxL, inv_freq), _KV)
         v_BxLxKxDh = with_logical_constraint(v_BxLxKxDh, _KV)
         if kv is None:
-            k_BxSxKxDh, v_BxSxKxDh = k_BxLxKxDh, v_BxLxKxDh
+            k_BxKxSxDh, v_BxKxSxDh = (jnp.swapaxes(a, 1, 2) for a in (k_BxLxKxDh, v_BxLxKxDh))
         else:
-            # With a cache, a row's first position is its write slot.
+            # With a cache, a row's first position is its write slot. The whole stack is
+            # updated and carried from layer to layer, so decoding never copies the cache.
             start_B = positions_BxL[:, 0]
-            k_BxSxKxDh = _write_rows(kv[0], k_BxLxKxDh, start_B)
-            v_BxSxKxDh = _write_rows(kv[1], v_BxLxKxDh, start_B)
-            kv = (k_BxSxKxDh, v_BxSxKxDh)
-        out_BxLxKxGxDh = attend(q_BxLxKxGxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS)
+            kv = tuple(
+                _write_cache(cache, new, start_B, layer)
+                for cache, new in zip(kv, (k_BxLxKxDh, v_BxLxKxDh), strict=True)
+            )
+            k_BxKxSxDh, v_BxKxSxDh = (
+                jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False) for cache in kv
+            )
+        out_BxLxKxGxDh = attend(q_BxLxKxGxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
         out_BxLxKxGxDh = with_logical_constraint(out_BxLxKxGxDh, _GROUPED_Q)
         o = Linear(cfg, (H, Dh, D), ("heads", "kv", "embed"), num_in=2, name="o")
         return o(out_BxLxKxGxDh.reshape(B, L, H, Dh)), kv
@@ -248,25 +260,26 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; (x, kv) in, (x, kv) out so nn.scan can carry x."""
+    """One pre-norm decoder layer; carries (x, every layer's kv cache) so nn.scan can scan it."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(
         self,
-        x_BxLxD: Array,
+        carry: tuple[Array, tuple[Array, Array] | None],
         positions_BxL: Array,
         mask_BxLxS: Array,
-        kv: tuple[Array, Array] | None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
-        """(x after the attention and MLP residuals, updated kv)."""
+        layer: Array | int,
+    ) -> tuple[tuple[Array, tuple[Array, Array] | None], None]:
+        """((x after the attention and MLP residuals, kv with layer `layer` updated), None)."""
+        x_BxLxD, kv = carry
         h_BxLxD, kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxLxS, kv
+            RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxLxS, kv, layer
         )
         x_BxLxD = x_BxLxD + h_BxLxD
         x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD))
-        return with_logical_constraint(x_BxLxD, _ACTIVATION), kv
+        return (with_logical_constraint(x_BxLxD, _ACTIVATION), kv), None
 
 
 class Embedder(nn.Module):
@@ -294,13 +307,21 @@ class Embedder(nn.Module):
         return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
 
 
-def _scalar_head(cfg: ModelConfig, **kwargs: Any) -> nn.Dense:
+# Heads whose kernel starts at zero. A random value head outputs O(1) noise on every token, and
+# PPO's first advantages (returns - values) would be that noise; at zero they are the returns.
+_ZERO_INIT_HEADS = ("value",)
+
+
+def _scalar_head(cfg: ModelConfig, name: str, **kwargs: Any) -> nn.Dense:
     """A [D] -> 1 linear head in float32 (value, reward)."""
+    kernel_init = (
+        nn.initializers.zeros if name in _ZERO_INIT_HEADS else nn.initializers.lecun_normal()
+    )
     return nn.Dense(
         1,
         dtype=jnp.float32,
         param_dtype=cfg.weight_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
+        kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
         **kwargs,
     )
@@ -353,7 +374,7 @@ class Transformer(nn.Module):
                 cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), float32_out=True
             )
         for name in self.heads:
-            setattr(self, f"{name}_head", _scalar_head(cfg))
+            setattr(self, f"{name}_head", _scalar_head(cfg, name))
 
     def __call__(
         self,
@@ -408,15 +429,11 @@ class Transformer(nn.Module):
 
         x_BxLxD = with_logical_constraint(self.embed.encode(tokens_BxL), _ACTIVATION)
         if self.cfg.scan_layers:
-            x_BxLxD, kv = self.layers(x_BxLxD, positions_BxL, mask_BxLxS, kv)
+            layers_Y = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+            (x_BxLxD, kv), _ = self.layers((x_BxLxD, kv), positions_BxL, mask_BxLxS, layers_Y)
         else:
-            new_kv = []
             for i, layer in enumerate(self.layers):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BxLxD, layer_kv = layer(x_BxLxD, positions_BxL, mask_BxLxS, layer_kv)
-                new_kv.append(layer_kv)
-            if kv is not None:
-                kv = tuple(jnp.stack([pair[j] for pair in new_kv]) for j in range(2))
+                (x_BxLxD, kv), _ = layer((x_BxLxD, kv), positions_BxL, mask_BxLxS, i)
         hidden_BxLxD = self.final_norm(x_BxLxD)
 
         new_cache = None
@@ -462,7 +479,7 @@ def add_heads(params: Params, cfg: ModelConfig, heads: tuple[str, ...], rng: Arr
     hidden_1xD = jnp.zeros((1, cfg.d_model), jnp.float32)
     new = dict(params)
     for name, key in zip(heads, jax.random.split(rng, len(heads)), strict=True):
-        new[head_key(name)] = unbox(_scalar_head(cfg).init(key, hidden_1xD)["params"])
+        new[head_key(name)] = unbox(_scalar_head(cfg, name).init(key, hidden_1xD)["params"])
     return new
 
 

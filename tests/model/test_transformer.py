@@ -126,6 +126,19 @@ def test_bfloat16_compute_is_close_to_float32(tiny_cfg, tiny_params):
     assert cache.k.dtype == jnp.bfloat16
 
 
+def test_value_head_starts_at_zero_and_reward_head_does_not(tiny_cfg, tiny_params):
+    # A zero value head makes PPO's first advantages the returns rather than the head's noise.
+    params = transformer.add_heads(
+        tiny_params, tiny_cfg, ("value", "reward"), jax.random.PRNGKey(3)
+    )
+    assert not np.any(params["value_head"]["kernel"])
+    assert np.std(params["reward_head"]["kernel"]) > 0
+    out = _forward(tiny_cfg, params, _tokens((2, 8)), heads=("value", "reward"))
+    np.testing.assert_array_equal(out.scores["value"], 0.0)
+    created = transformer.init_params(tiny_cfg, jax.random.PRNGKey(0), ("value",))
+    assert not np.any(created["value_head"]["kernel"])
+
+
 def test_scalar_heads_can_be_added_and_dropped(tiny_cfg, tiny_params):
     heads = ("value", "reward")
     params = transformer.add_heads(tiny_params, tiny_cfg, heads, jax.random.PRNGKey(3))
