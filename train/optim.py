@@ -42,6 +42,33 @@ def trainable_mask(params, freeze_regex: str):
     return mask
 
 
+def lr_multipliers(params, pattern: str, mult: float):
+    """A pytree of floats: `mult` where `pattern` matches the parameter's path, else 1.0."""
+    if not pattern:
+        return jax.tree.map(lambda _: 1.0, params)
+    regex = re.compile(pattern)
+    multipliers = jax.tree_util.tree_map_with_path(
+        lambda path, _: mult if regex.search(param_path(path)) else 1.0, params
+    )
+    if all(m == 1.0 for m in jax.tree.leaves(multipliers)) and mult != 1.0:
+        raise ValueError(f"optimizer.lr_mult_pattern={pattern!r} matches no parameter")
+    return multipliers
+
+
+def scale_by_tree(multipliers) -> optax.GradientTransformation:
+    """Multiplies each update by its constant in `multipliers` (a pytree like the params)."""
+
+    def update(updates, state, params=None):
+        del params
+        # Inside multi_transform, frozen leaves arrive as MaskedNode: pass them through.
+        scaled = jax.tree.map(
+            lambda m, u: u if isinstance(u, optax.MaskedNode) else u * m, multipliers, updates
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int, params):
     """Returns (optax transformation, lr schedule) for `params` (arrays or shapes)."""
     schedule = learning_rate_schedule(opt, num_steps)
@@ -53,6 +80,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int, params):
     adamw = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask),
+        scale_by_tree(lr_multipliers(params, opt.lr_mult_pattern, opt.lr_mult)),
     )
     mask = trainable_mask(params, opt.freeze)
     labels = jax.tree.map(lambda trains: "train" if trains else "frozen", mask)

@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
             "weight_decay": 0.1,
             "grad_clip": 1.0,
             "freeze": "",  # regex on "/"-joined parameter paths, e.g. "embed|layers/attn"
+            # Parameters matching this regex train at lr * lr_mult (e.g. PPO's value head).
+            "lr_mult_pattern": "",
+            "lr_mult": 1.0,
         }
     )
 
