@@ -9,6 +9,12 @@
         KL controller update
     serve minibatch m of epoch e: rows perm(e)[m*b : (m+1)*b]
 
+With several JAX processes every jitted call must see the same inputs everywhere, so each
+process samples and scores all of a rollout's rows (one call over the whole mesh), rewards
+only its own share of them, gathers every process's rewards and builds the same buffer
+(global advantage whitening, KL controller and metrics); it then keeps its share of the
+buffer's rows. With one process this is the plain single-host rollout.
+
 The loop sees an ordinary producer (train/batches.py): `next(state)` returns host arrays with
 fixed shapes. The buffer, the position in it, the rollout counter, the KL coefficient and the
 last rollout's metrics go into the checkpoint (`RolloutSave`), and every random choice is a
@@ -32,9 +38,10 @@ from model import sampler
 from model.transformer import Transformer
 from rl import buffers
 from rl import kl as kl_lib
-from rl.generate import user_prompt_tokens
+from rl.generate import all_process_rows, host_value, own_rows, user_prompt_tokens
 from rl.ppo_losses import token_logprobs
-from rl.rewards import Responses, make_reward_mix
+from rl.rewards import Responses, Scored, make_reward_mix
+from train import init_from
 
 KINDS = ("ppo", "grpo", "ei", "pairs")  # producers registered as rollout_<kind>
 
@@ -80,8 +87,7 @@ class RolloutProducer:
         if config.batch_size % jax.process_count() or config.rl.prompts % jax.process_count():
             raise ValueError("batch_size and rl.prompts must split evenly over the processes")
         self.batch_rows = config.batch_size // jax.process_count()
-        self.prompts = self.rl.prompts // jax.process_count()
-        self.rows = self.prompts * self.rl.group_size
+        self.rows = self.rl.prompts // jax.process_count() * self.rl.group_size  # per process
         if kind in ("ppo", "grpo") and self.rows % self.batch_rows:
             raise ValueError(
                 f"a rollout of rl.prompts * rl.group_size = {self.rows} rows per process does "
@@ -108,7 +114,7 @@ class RolloutProducer:
                 "rl.kl.coef > 0 needs a reference policy: set init_from (or rl.ref_from) to the "
                 "SFT workdir, or set rl.kl.coef=0"
             )
-        self.ref_params = None  # loaded on first use, placed like the policy's parameters
+        self.ref_params = None  # restored on first use, into the policy's shardings
         self.position, self.buffer, self.metrics = Position(), {}, {}
         heads = tuple(h for h in model.heads if h == "value")
         self._forward = functools.partial(token_outputs, cfg=model.cfg, heads=heads)
@@ -178,10 +184,9 @@ class RolloutProducer:
         )
 
     def _prompt_indices(self, rollout: int) -> np.ndarray:
-        """This process's prompts of rollout `rollout`: a fresh seeded shuffle per pass."""
+        """Every process's prompts of rollout `rollout`, in order: a seeded shuffle per pass."""
         n = len(self.problems)
-        flat_P = rollout * self.rl.prompts + jax.process_index() * self.prompts
-        flat_P = flat_P + np.arange(self.prompts)
+        flat_P = rollout * self.rl.prompts + np.arange(self.rl.prompts)
         return np.asarray([self._order(int(i) // n)[i % n] for i in flat_P])
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 (one producer per run)
@@ -190,15 +195,16 @@ class RolloutProducer:
         return np.random.default_rng([self.seed, data_pass]).permutation(len(self.problems))
 
     def _rollout(self, params) -> dict[str, np.ndarray]:
-        """One rollout with `params`: samples, rewards and log-probs -> the training buffer."""
+        """One rollout with `params`: samples, rewards and log-probs -> this process's rows."""
         start = time.perf_counter()
         update_time = start - self._last_update_start if self._last_update_start else 0.0
         index = self.position.rollout
-        rollout = self._sample(params, index)
-        finish_rewards = self.rewards.start(rollout.responses, self.executor)
+        rollout = self._sample(params, index)  # every process's rows
+        mine = slice(jax.process_index() * self.rows, (jax.process_index() + 1) * self.rows)
+        finish_rewards = self.rewards.start(response_rows(rollout.responses, mine), self.executor)
         rollout = self._score(params, rollout)  # device work while the verifiers run
         scored_at = time.perf_counter()
-        scored = finish_rewards()
+        scored = all_process_scores(finish_rewards())
         rewarded_at = time.perf_counter()
         coef = float(self.controller.coef)
         buffer = self._build(rollout, scored, coef)
@@ -209,22 +215,23 @@ class RolloutProducer:
             "rollout/kl_ref": sequence_kl,
             "rollout/kl_coef": coef,
             "rollout/train_rows": float(len(buffer.get("inputs", ()))),
+            "rollout/count": float(index + 1),  # rollouts sampled so far: the sampling budget
             "time/rollout": scored_at - start,
             "time/reward": rewarded_at - scored_at,
             "time/update": update_time,
         }
         self._last_update_start = time.perf_counter()
-        return buffer
+        return process_share(buffer)
 
     def _sample(self, params, index: int) -> buffers.Rollout:
-        """G samples per prompt, laid out as fixed-shape rows (log-probs not yet filled)."""
+        """G samples of each prompt, all processes' in one call, as rows without log-probs."""
         chosen = self._prompt_indices(index)
         rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)
         out = sampler.sample(
             params,
             self.model.cfg,
             [self.prompt_tokens[i] for i in chosen],
-            rng=jax.random.fold_in(rng, jax.process_index()),
+            rng=jax.random.fold_in(rng, 0),  # the same key on every process
             max_new_tokens=self.rl.max_new_tokens,
             stop_tokens=(self.tokenizer.eot_id,),
             temperature=self.rl.temperature,
@@ -234,9 +241,9 @@ class RolloutProducer:
             num_samples=self.rl.group_size,
         )
         G, T = self.rl.group_size, self.rl.max_new_tokens
-        tokens_RxT = np.asarray(out.tokens_BxNxT).reshape(-1, T)
-        lengths_R = np.asarray(out.lengths_BxN).reshape(-1)
-        finished_R = np.asarray(out.done_BxN).reshape(-1)
+        tokens_RxT = host_value(out.tokens_BxNxT).reshape(-1, T)
+        lengths_R = host_value(out.lengths_BxN).reshape(-1)
+        finished_R = host_value(out.done_BxN).reshape(-1)
         problems = [self.problems[i] for i in chosen for _ in range(G)]
         prompts = [self.prompt_tokens[i] for i in chosen for _ in range(G)]
         return layout(
@@ -265,16 +272,18 @@ class RolloutProducer:
         )
 
     def _chunked(self, forward, params, arrays):
-        """Runs `forward` over rows in chunks of rl.forward_batch (one compiled shape)."""
-        n, b = len(arrays[0]), self.rl.forward_batch
+        """Runs `forward` over rows, rl.forward_batch per process at a time (one shape)."""
+        n, b = len(arrays[0]), self.rl.forward_batch * jax.process_count()
         padded = [np.concatenate([a, np.zeros((-n % b, *a.shape[1:]), a.dtype)]) for a in arrays]
         outs = [forward(params, *(a[i : i + b] for a in padded)) for i in range(0, n + (-n % b), b)]
-        return tuple(np.concatenate([np.asarray(o[k]) for o in outs])[:n] for k in range(2))
+        return tuple(np.concatenate([host_value(o[k]) for o in outs])[:n] for k in range(2))
 
     def _reference(self, params):
-        """The frozen reference parameters (trunk only), placed like `params`; None without."""
+        """The frozen reference trunk in the shardings of `params`; None without a reference."""
         if self.ref_params is None and self.ref_source:
-            self.ref_params = load_trunk(self.ref_source, like=params)
+            # A run's checkpoint or a Hugging Face directory, as init_from loads the policy.
+            source = init_from.find_source(self.ref_source)
+            self.ref_params = init_from.load_params(source, self.model.cfg, like=params)
         return self.ref_params
 
     def _build(self, rollout, scored, kl_coef: float) -> dict[str, np.ndarray]:
@@ -300,9 +309,31 @@ class RolloutProducer:
                 estimator=rl.kl.estimator,
                 normalize_std=rl.group_normalize_std,
             )
+        # Every process then serves the same number of minibatches from its share.
+        multiple = self.batch_rows * jax.process_count()
         if self.kind == "ei":
-            return buffers.ei_buffer(rollout, scored, multiple=self.batch_rows)
-        return buffers.pair_buffer(rollout, scored, multiple=self.batch_rows)
+            return buffers.ei_buffer(rollout, scored, multiple=multiple)
+        return buffers.pair_buffer(rollout, scored, multiple=multiple)
+
+
+def response_rows(responses: Responses, rows: slice) -> Responses:
+    """The responses of `rows`."""
+    return dataclasses.replace(
+        responses,
+        **{f.name: getattr(responses, f.name)[rows] for f in dataclasses.fields(responses)},
+    )
+
+
+def all_process_scores(scored: Scored) -> Scored:
+    """Every process's rewards of its own rows, in process order (a collective)."""
+    return Scored(*all_process_rows((scored.rewards_RxT, scored.components, scored.correct_R)))
+
+
+def process_share(buffer: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's equal share of a buffer that every process built alike ({} stays {})."""
+    if not buffer:
+        return buffer
+    return own_rows(buffer, len(buffer["inputs"]) // jax.process_count())
 
 
 def layout(tokenizer, problems, prompts, tokens_RxT, lengths_R, finished_R, group_size, length):
@@ -377,20 +408,6 @@ def rollout_metrics(rollout: buffers.Rollout, scored, buffer, tokenizer) -> dict
             rollout.values_RxL, buffer["returns"], mask_RxL
         )
     return metrics
-
-
-def load_trunk(workdir: str, like=None):
-    """A run's newest parameters without scalar heads, each placed like `like[key]` if given."""
-    from train import checkpoint
-    from train.init_from import HEAD_KEYS
-
-    loaded, _ = checkpoint.load_params(workdir)
-    trunk = {key: value for key, value in loaded.items() if key not in HEAD_KEYS}
-    if like is None:
-        return trunk
-    return jax.tree.map(
-        lambda x, p: jax.device_put(x, p.sharding), trunk, {k: like[k] for k in trunk}
-    )
 
 
 def producer_factory(kind: str):

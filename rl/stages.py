@@ -4,16 +4,21 @@
 `rl.prm.workdir` (so the defaults name siblings of the RL workdir), then trains each stage
 that is missing or unfinished with its own default config through the same trainer loop,
 and says so. A finished stage (its final checkpoint and eval.json written) is reused; an
-interrupted one resumes. So `train.main --config=rl.py` needs no earlier command.
+interrupted one resumes. So `train.main --config=rl.py` needs no earlier command. Workdirs
+may be local paths or gs:// URIs: paths are strings here and files go through `etils.epath`.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
 import os
+import posixpath
 
 import ml_collections
+from etils import epath
+
+from data.build import is_remote
+from train import workdir as workdir_lib
 
 PLACEHOLDER = "{workdir}"
 
@@ -22,25 +27,34 @@ def resolve(path: str, workdir: str) -> str:
     """`path` with "{workdir}" replaced by the absolute `workdir`, normalized ("" stays "")."""
     if not path:
         return path
-    return os.path.normpath(path.replace(PLACEHOLDER, os.path.abspath(workdir)))
+    return normalize(path.replace(PLACEHOLDER, os.fspath(workdir_lib.absolute(workdir))))
+
+
+def normalize(path: str) -> str:
+    """`path` without "." and ".." parts; a URI keeps its scheme ("gs://bucket/a/../b")."""
+    if not is_remote(path):
+        return os.path.normpath(path)
+    scheme, _, rest = path.partition("://")
+    bucket, _, key = rest.partition("/")
+    # ".." stops at the bucket: gs://bucket/.. is no place for a run.
+    key = posixpath.normpath(f"/{key}").lstrip("/")
+    return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
 
 
 def is_huggingface_dir(path: str) -> bool:
     """A Hugging Face checkpoint directory (config.json + *.safetensors), never trained here."""
-    return os.path.isfile(os.path.join(path, "config.json")) and bool(
-        glob.glob(os.path.join(path, "*.safetensors"))
-    )
+    directory = epath.Path(path)
+    return (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
 
 
 def is_finished(workdir: str) -> bool:
     """Whether `workdir` holds a run that reached its num_steps and wrote eval.json."""
     from train import checkpoint
-    from train.workdir import read_config
 
-    if not os.path.isfile(os.path.join(workdir, "eval.json")):
+    if not epath.Path(workdir, "eval.json").exists():
         return False
     try:
-        num_steps = int(read_config(workdir).num_steps)
+        num_steps = int(workdir_lib.read_config(workdir).num_steps)
     except (FileNotFoundError, AttributeError, ValueError):
         return False
     return (checkpoint.latest_step(workdir) or 0) >= num_steps
@@ -64,7 +78,7 @@ def run_stage(label: str, spec: str, stage_workdir: str, init_from: str | None =
     config = load_stage_config(spec)
     if init_from is not None:
         config.init_from = init_from
-    state = "resuming the unfinished run" if os.path.isdir(stage_workdir) else "training it"
+    state = "resuming the unfinished run" if epath.Path(stage_workdir).is_dir() else "training it"
     print(
         f"RL starts from the {label} run in {stage_workdir}, which is not finished: {state} "
         f"first with --config={spec} (python -m train.main --config={spec} "

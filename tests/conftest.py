@@ -11,6 +11,7 @@ above all) are built once per test session whichever folders use them.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -53,6 +54,13 @@ def apply_overrides(config, overrides):
 def tiny_config(**overrides):
     """The `sft.py:tiny` config with dotted-key overrides, unlocked for tests."""
     return apply_overrides(sft.get_config("tiny"), overrides)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(module: str, *args: str, timeout: float = 600, check: bool = True):

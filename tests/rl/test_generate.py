@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import pytest
 
 from model import sampler, sharding
 from rl import generate
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 # Process 1's longest prompt pads to another width than process 0's.
 PROMPTS = ([[5, 9, 17], [3, 1, 4, 1, 5]], [[42, 7], [8] * 17])
@@ -49,13 +48,6 @@ CHILD = textwrap.dedent(
     print("ROWS", json.dumps([out.tokens_BxNxT.tolist(), out.lengths_BxN.tolist()]))
     """
 )
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_in_one_process_sample_rows_is_sample(tiny_cfg, tiny_params):

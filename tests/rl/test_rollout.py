@@ -1,7 +1,13 @@
-"""Rollout rows and buffers (PPO, GRPO, EI, pairs), and the producer: log-probs, resume."""
+"""Rollout rows and buffers (PPO, GRPO, EI, pairs), and the producer: log-probs, resume, and
+two real JAX processes sharing one rollout."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import jax
@@ -15,6 +21,7 @@ from model.config import get_preset
 from rl import buffers as B
 from rl import rollout as rollout_lib
 from rl.rewards import Scored
+from tests.conftest import REPO, free_port
 from train.configs import rl as rl_configs
 
 PAD = 0
@@ -141,7 +148,7 @@ def setup(tmp_path_factory):
     from train.step import TrainState
 
     workdir = str(tmp_path_factory.mktemp("rollout"))
-    config = rl_configs.get_config("tiny")
+    config = rl_configs.get_config("tiny,algo=ppo")
     config.data.train_size, config.data.test_size, config.data.validation_size = 16, 2, 2
     config.rl.prompts, config.rl.group_size, config.rl.max_new_tokens = 4, 2, 6
     config.rl.epochs, config.batch_size, config.rl.forward_batch = 2, 4, 4
@@ -157,7 +164,9 @@ def setup(tmp_path_factory):
     with checkpoint.make_manager(ref_dir, keep=1, async_save=False) as manager:
         checkpoint.save(manager, 1, state, ocp.args.JsonSave({}))
     config.init_from = ref_dir
-    return types.SimpleNamespace(config=config, prepared=prepared, model=model, params=params)
+    return types.SimpleNamespace(
+        config=config, prepared=prepared, model=model, params=params, workdir=workdir
+    )
 
 
 def producer(setup, kind="ppo"):
@@ -240,3 +249,75 @@ def test_selection_without_any_correct_response_fails_clearly(setup, monkeypatch
     with pytest.raises(RuntimeError, match="2 rollouts in a row gave no training rows"):
         p.next(state_of(setup.params))
     assert p.position.rollout == 2
+
+
+# Each process: join the run, restore the policy into a (2, 2, 1) mesh spanning both, roll out.
+CHILD = textwrap.dedent(
+    """
+    import json, sys, types
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_num_cpu_devices", 2)
+    address, index, config_json, workdir = sys.argv[1:]
+    jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=int(index))
+    import ml_collections
+    from data.build import prepare
+    from model import sharding, transformer
+    from model.config import get_preset
+    from rl import rollout
+    from train import checkpoint
+    from train.state import param_shardings
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    prepared = prepare(config.data, workdir, verbose=False)
+    cfg = get_preset("tiny", vocab_size=prepared.tokenizer.vocab_size, max_seq_len=512)
+    model = transformer.Transformer(cfg, heads=("value",))
+    mesh = sharding.make_mesh((2, 2, 1))
+    abstract, shardings = param_shardings(model, mesh, sharding.get_rules("fsdp"))
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    params, _ = checkpoint.load_params(config.init_from, abstract)
+    with sharding.use_rules(mesh, "fsdp"):
+        producer = rollout.RolloutProducer(config, prepared, model, "ppo")
+        producer.next(types.SimpleNamespace(params=params))
+    buffer = {key: value.tolist() for key, value in producer.buffer.items()}
+    print("ROLLOUT", json.dumps([buffer, producer.host_metrics(), producer.controller.coef]))
+    """
+)
+
+
+def test_two_processes_split_one_rollout(setup):
+    config = setup.config
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, address, str(i), config.to_json(), setup.workdir],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        line = next(line for line in stdout.splitlines() if line.startswith("ROLLOUT "))
+        outputs.append(json.loads(line.removeprefix("ROLLOUT ")))
+
+    # One process with the whole rollout: each process holds its half of that buffer.
+    expected = producer(setup)
+    expected.next(state_of(setup.params))
+    (first, metrics_0, coef_0), (second, metrics_1, coef_1) = outputs
+    for key, value in expected.buffer.items():
+        got = np.concatenate([np.asarray(first[key]), np.asarray(second[key])])
+        assert len(first[key]) == len(second[key]) == len(value) // 2
+        np.testing.assert_allclose(got, value, rtol=1e-5, atol=2e-5, err_msg=key)
+    timeless = [key for key in expected.host_metrics() if not key.startswith("time/")]
+    for key in timeless:  # the rollout's statistics, over every process's rows
+        assert metrics_0[key] == metrics_1[key], key
+        assert metrics_0[key] == pytest.approx(expected.host_metrics()[key], abs=1e-5), key
+    assert coef_0 == coef_1 == pytest.approx(float(expected.controller.coef))

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from rl import stages
+from tests.train.test_workdir import BUCKET, bucket  # noqa: F401 (the fake gs:// bucket)
 from train import checkpoint
 from train.configs import rl as rl_configs
 from train.step import TrainState
@@ -48,6 +49,30 @@ def test_resolve_puts_stages_next_to_the_workdir(tmp_path):
     assert stages.resolve("{workdir}/../sft", workdir) == str(tmp_path / "runs" / "sft")
     assert stages.resolve("/abs/sft", workdir) == "/abs/sft"
     assert stages.resolve("", workdir) == ""
+
+
+def test_resolve_keeps_a_bucket_uri_whole():
+    workdir = "gs://bucket/runs/rl"
+    assert stages.resolve("{workdir}/../sft", workdir) == "gs://bucket/runs/sft"
+    assert stages.resolve("{workdir}/./prm/", workdir) == "gs://bucket/runs/rl/prm"
+    assert stages.resolve("gs://other/a//b/../c", workdir) == "gs://other/a/c"
+    assert stages.resolve("{workdir}/../../..", workdir) == "gs://bucket"  # not above it
+    assert stages.resolve("{workdir}/../sft", "runs/rl") == os.path.abspath("runs/sft")
+
+
+def test_stages_in_a_bucket_are_found_through_epath(bucket, runs, capsys):  # noqa: F811
+    config = rl_configs.get_config("tiny")
+    stages.ensure_stages(config, f"{BUCKET}/runs/rl")
+    assert runs == [("sft", "", f"{BUCKET}/runs/sft_tiny")]
+    assert "not finished: training it first" in capsys.readouterr().out
+
+    (bucket / "hf").mkdir()
+    (bucket / "hf" / "config.json").write_text("{}")
+    (bucket / "hf" / "model.safetensors").write_bytes(b"")
+    config.init_from = f"{BUCKET}/hf"
+    stages.ensure_stages(config, f"{BUCKET}/runs/rl")
+    assert len(runs) == 1  # a Hugging Face directory is used as it is, never trained
+    assert not stages.is_finished(f"{BUCKET}/hf")
 
 
 def test_missing_sft_and_prm_are_built_in_order(tmp_path, runs, capsys):

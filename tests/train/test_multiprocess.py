@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from model import sharding as sharding_lib
 from model.transformer import Transformer
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from train import checkpoint, workdir
 from train.metrics import read_metrics
 from train.objectives import get_objective
@@ -36,13 +35,6 @@ ARGS = (
     "--config.checkpoint_every=2",
     "--config.eval.max_new_tokens=4",
 )
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(workdir_path: str, timeout: float = 400) -> list[str]:
