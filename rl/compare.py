@@ -1,6 +1,10 @@
 """Before/after: SFT vs RL policy, greedy and pass@n, at the training difficulty and one harder.
 
     python -m rl.compare --workdir=workdirs/rl     # the table of a finished RL run
+    python -m rl.compare --workdir=workdirs/rl_ppo --workdir=workdirs/rl_grpo ...
+
+Given several runs from the same SFT policy and data, it scores the SFT policy once and every
+run on the same problems, one row each (the RL algorithm comparison in the README).
 
 Problems are held out: the training difficulty uses the first `eval.num_problems` problems of
 `eval.split` of the RL run's data (0: the whole split, as in the SFT evaluation), the harder
@@ -81,31 +85,43 @@ def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
     """{level: {policy: scores}} as aligned text, one row per (level, policy)."""
     columns = sorted({k for by_policy in table.values() for s in by_policy.values() for k in s})
     columns.sort(key=lambda k: (k != "greedy", len(k), k))
-    lines = [f"{'level':<18}{'policy':<8}" + "".join(f"{k:>10}" for k in columns)]
+    width = max(len("policy"), *(len(p) for by_policy in table.values() for p in by_policy)) + 2
+    lines = [f"{'level':<18}{'policy':<{width}}" + "".join(f"{k:>10}" for k in columns)]
     for level, by_policy in table.items():
         for policy, scores in by_policy.items():
             cells = "".join(f"{scores[k]:>10.3f}" if k in scores else f"{'-':>10}" for k in columns)
-            lines.append(f"{level:<18}{policy:<8}{cells}")
+            lines.append(f"{level:<18}{policy:<{width}}{cells}")
     return "\n".join(lines)
 
 
-def compare(policies: dict, model_cfg, tokenizer, levels, config) -> dict:
-    """{level: {policy name: scores}} for every policy and level."""
+def compare(policies: dict, model_cfg, tokenizer, levels, config, sampled_levels=None) -> dict:
+    """{level: {policy name: scores}} for every policy and level; pass@n only at
+    `sampled_levels` (None: every level)."""
     seed = config.seed + 1
     return {
         level: {
-            name: policy_scores(params, model_cfg, tokenizer, problems, config, seed=seed)
+            name: policy_scores(
+                params,
+                model_cfg,
+                tokenizer,
+                problems,
+                config,
+                samples=sampled_levels is None or level in sampled_levels,
+                seed=seed,
+            )
             for name, params in policies.items()
         }
         for level, problems in levels.items()
     }
 
 
-def reference_params(config, like=None):
-    """The SFT policy's parameters (rl.ref_from, else init_from), placed like `like`."""
-    from rl.rollout import load_trunk
+def reference_params(config, model_cfg, like):
+    """The SFT policy's parameters (rl.ref_from, else init_from: a workdir or a Hugging Face
+    directory), placed in the shardings of `like`, the RL policy's parameters."""
+    from train import init_from
 
-    return load_trunk(config.rl.ref_from or config.init_from, like)
+    source = init_from.find_source(config.rl.ref_from or config.init_from)
+    return init_from.load_params(source, model_cfg, like)
 
 
 @register_evaluation("rl")
@@ -123,7 +139,7 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
             problems = levels[TRAIN_LEVEL]
             scores = policy_scores(params, model_cfg, tokenizer, problems, config, samples=False)
             return {"accuracy": scores["greedy"], "num_problems": len(problems)}
-        policies = {"SFT": reference_params(config, like=params), "RL": params}
+        policies = {"SFT": reference_params(config, model_cfg, params), "RL": params}
         table = compare(policies, model_cfg, tokenizer, levels, config)
         text = format_table(table)
         print(f"Before/after RL ({config.objective}):\n{text}", flush=True)
@@ -141,21 +157,55 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
     return eval_fn
 
 
+def _same_start(runs) -> None:
+    """Raises unless every run starts from the same SFT policy and draws the same eval problems."""
+    first = runs[0].config
+    for run in runs[1:]:
+        c = run.config
+        for key in ("init_from", "rl.ref_from", "data", "eval", "rl.compare"):
+            a, b = first, c
+            for part in key.split("."):
+                a, b = a[part], b[part]
+            if key == "rl.compare":  # whether a run printed its own table does not matter
+                a, b = ({k: v for k, v in x.items() if k != "table"} for x in (a, b))
+            if a != b:
+                raise ValueError(
+                    f"runs differ in {key}: compare runs of the same SFT policy and eval set"
+                )
+
+
 def main(argv):
-    """Prints the before/after table of the RL run in --workdir."""
+    """Prints the before/after table of one RL run, or SFT and every run of several."""
     del argv
     from data.build import prepare
     from train.workdir import load_run
 
-    run = load_run(flags.FLAGS.workdir)
-    prepared = prepare(run.config.data, flags.FLAGS.workdir, verbose=False)
-    levels = held_out_levels(run.config, prepared)
-    policies = {"SFT": reference_params(run.config), "RL": run.params}
-    print(format_table(compare(policies, run.model_cfg, run.tokenizer, levels, run.config)))
+    workdirs = flags.FLAGS.workdir
+    runs = [load_run(workdir) for workdir in workdirs]
+    _same_start(runs)
+    first = runs[0]
+    prepared = prepare(first.config.data, workdirs[0], verbose=False)
+    levels = held_out_levels(first.config, prepared)
+    policies = {"SFT": reference_params(first.config, first.model_cfg, first.params)}
+    names = ["RL"] if len(runs) == 1 else [run.config.objective for run in runs]
+    if len(set(names)) < len(names):  # e.g. outcome vs outcome+PRM rewards: name by workdir
+        names = [str(workdir).rstrip("/").rsplit("/", 1)[-1] for workdir in workdirs]
+    policies |= {name: run.params for name, run in zip(names, runs, strict=True)}
+    sampled = None if flags.FLAGS.harder_samples else (TRAIN_LEVEL,)
+    table = compare(policies, first.model_cfg, first.tokenizer, levels, first.config, sampled)
+    print(format_table(table))
+    if flags.FLAGS.out:
+        import json
+
+        from etils import epath
+
+        epath.Path(flags.FLAGS.out).write_text(json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string(
-        "workdir", None, "A finished RL run (train.main --config=rl.py).", required=True
+    flags.DEFINE_multi_string(
+        "workdir", None, "Finished RL run(s) (train.main --config=rl.py).", required=True
     )
+    flags.DEFINE_string("out", "", "Optional JSON path for {level: {policy: scores}}.")
+    flags.DEFINE_bool("harder_samples", True, "Also sample pass@n at the harder level.")
     app.run(main)

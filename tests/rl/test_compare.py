@@ -59,3 +59,32 @@ def test_an_empty_split_is_a_clear_error(prepared, monkeypatch):
     monkeypatch.setattr(compare, "load_split", lambda builder, split: [])
     with pytest.raises(ValueError, match="data.validation_size"):
         levels_for(prepared, split="validation")
+
+
+def _run(config):
+    import types
+
+    return types.SimpleNamespace(config=config)
+
+
+def test_runs_compared_together_must_share_the_sft_policy_and_eval_set(prepared):
+    config = prepared[0]
+    same = config.copy_and_resolve_references()
+    same.objective, same.optimizer.lr = "dpo", 1.0  # algorithm settings may differ
+    compare._same_start([_run(config), _run(same)])
+    other = config.copy_and_resolve_references()
+    other.init_from = "/elsewhere/sft"
+    with pytest.raises(ValueError, match="init_from"):
+        compare._same_start([_run(config), _run(other)])
+    harder = config.copy_and_resolve_references()
+    harder.rl.compare.harder_knobs = {"digits": 9}
+    with pytest.raises(ValueError, match="rl.compare"):
+        compare._same_start([_run(config), _run(harder)])
+
+
+def test_table_has_one_row_per_level_and_policy_with_long_names():
+    scores = {"greedy": 0.5, "pass@8": 0.75}
+    table = {"train difficulty": {"SFT": scores, "expert_iteration": scores}, "harder": {}}
+    lines = compare.format_table(table).splitlines()
+    assert len(lines) == 3 and "expert_iteration" in lines[2]
+    assert lines[1].index("0.500") == lines[2].index("0.500")  # columns stay aligned

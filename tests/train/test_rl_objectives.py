@@ -236,7 +236,7 @@ def test_detached_critic_trains_only_the_value_head(critic):
     # A nonzero head, whatever its init: the trunk's value gradient flows through its kernel.
     kernel = params["value_head"]["kernel"]
     params["value_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), kernel.shape)
-    config = rl_configs.get_config("tiny")
+    config = rl_configs.get_config("tiny,algo=ppo")
     config.rl.critic, config.rl.entropy_coef, config.rl.value_clip_eps = critic, 0.0, 1e3
     rows = {k: v[:, 0] for k, v in pair_batch().items() if k != "ref_logp"}
     zeros = np.zeros_like(rows["response_mask"])

@@ -21,7 +21,7 @@ COMPARED = ("loss", "policy_loss", "value_loss", "rollout/reward", "rollout/kl_r
 def args(policy: str, workdir: str) -> list[str]:
     # Checkpoints every 3 steps land mid-buffer (a rollout serves 4 minibatches).
     return [
-        "--config=rl.py:tiny",
+        "--config=rl.py:tiny,algo=ppo",
         f"--config.init_from={policy}",
         f"--config.num_steps={STEPS}",
         "--config.checkpoint_every=3",
