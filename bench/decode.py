@@ -1,4 +1,4 @@
-"""Rollout tokens/s: the KV-cache sampler vs full recomputation vs the memory-bandwidth bound.
+"""Rollout tokens/s: the KV-cache sampler vs full recomputation vs the roofline bounds.
 
     python -m bench.decode --out=bench/results/decode.json
     python -m bench.decode --quick --out=/tmp/decode.json
@@ -15,11 +15,17 @@ prompts, no stop token, so every row decodes all T tokens):
   bound      the memory-bandwidth bound of a decode step: it must read the weights once and
              every row's cached keys and values; bytes / measured copy bandwidth = the fastest
              step possible. The cache holds P + (T + 1) / 2 tokens on average over the rollout.
+  compute    the compute bound of a decode step: its forward FLOPs (2 per matmul weight per
+             row, plus attention over the cached tokens) / the float32 matmul peak measured with
+             a large `jnp.dot` in the same rounds. At batch 64 a small model on a CPU does more
+             arithmetic per byte read than the machine's FLOP/byte ratio, so this bound, not
+             the bandwidth one, is the one a perfect sampler would hit.
 
-Each case compiles both, then times cache, recompute and a numpy copy (the bandwidth)
-round-robin, so the ratios divide numbers taken under the same machine load.
+Each case compiles both, then times cache, recompute, a numpy copy (the bandwidth) and the
+matmul (the peak) round-robin, so the ratios divide numbers taken under the same machine load.
 
-"speedup" is cache / recompute tokens/s and "of bound" is cache / bound tokens/s.
+"speedup" is cache / recompute tokens/s, "of bound" is cache / bandwidth-bound tokens/s and
+"of roofline" is cache / min(bandwidth bound, compute bound) tokens/s.
 """
 
 from __future__ import annotations
@@ -54,12 +60,13 @@ class Settings:
     recompute_steps: int
     repeats: int
     copy_bytes: int
+    peak_n: int
 
 
 def settings_from_flags() -> Settings:
     """The flags' settings, or the tiny ones under --quick."""
     if FLAGS.quick:
-        return Settings("tiny", (1, 4), (16,), (8,), 4, 2, 1 << 24)
+        return Settings("tiny", (1, 4), (16,), (8,), 4, 2, 1 << 24, 256)
     return Settings(
         FLAGS.model,
         tuple(int(b) for b in FLAGS.batch_sizes),
@@ -68,6 +75,7 @@ def settings_from_flags() -> Settings:
         FLAGS.recompute_steps,
         FLAGS.repeats,
         1 << 28,
+        FLAGS.peak_n,
     )
 
 
@@ -125,6 +133,13 @@ def bound_tokens_per_s(cfg: ModelConfig, batch: int, prompt: int, new: int, band
     return batch * bandwidth / decode_bytes_per_step(cfg, batch, context)
 
 
+def compute_tokens_per_s(cfg: ModelConfig, prompt: int, new: int, peak_flops: float) -> float:
+    """Decoded tokens/s if every step only paid for its forward FLOPs at `peak_flops`."""
+    context = prompt + (new + 1) / 2
+    # flops_per_token counts forward + backward (6 per weight); a decode step is the forward.
+    return peak_flops / (cfg.flops_per_token(context) / 3)
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -154,17 +169,22 @@ def measure_case(
         recompute_sample, params, cfg, padded_BxS, prompt, rng, num_steps=steps
     )
 
-    ceilings = common.ceiling_calls(copy_bytes=settings.copy_bytes)
+    ceilings = {
+        "copy": common.copy_call(settings.copy_bytes),
+        "peak": common.matmul_call(settings.peak_n, "float32"),
+    }
     calls = {
         "cache": cached,
         "recompute": functools.partial(compiled, params, padded_BxS, prompt, rng),
-        "copy": ceilings["copy"][0],
+        **{name: call for name, (call, _) in ceilings.items()},
     }
     timings = common.time_interleaved(calls, warmup=0, repeats=settings.repeats)
-    bandwidth = common.ceiling_rates(timings, ceilings)["copy"]
+    rates = common.ceiling_rates(timings, ceilings)
+    bandwidth, peak = rates["copy"], rates["peak"]
     cache_tps = batch * new / timings["cache"].best_s
     recompute_tps = batch * steps / timings["recompute"].best_s
     bound_tps = bound_tokens_per_s(cfg, batch, prompt, new, bandwidth)
+    compute_tps = compute_tokens_per_s(cfg, prompt, new, peak)
     return {
         "batch": batch,
         "prompt_len": prompt,
@@ -187,8 +207,14 @@ def measure_case(
             "bytes_per_step": decode_bytes_per_step(cfg, batch, prompt + (new + 1) / 2),
             "tokens_per_s": bound_tps,
         },
+        "compute": {
+            "matmul_peak_flops": peak,
+            "peak_timing": timings["peak"].to_json(),
+            "tokens_per_s": compute_tps,
+        },
         "cache_speedup": cache_tps / recompute_tps,
         "fraction_of_bound": cache_tps / bound_tps,
+        "fraction_of_roofline": cache_tps / min(bound_tps, compute_tps),
     }
 
 
@@ -201,6 +227,8 @@ COLUMNS = (
     ("cache_speedup", "speedup", ".1f"),
     ("bound_tps", "bound tok/s", "si"),
     ("fraction_of_bound", "of bound", ".1%"),
+    ("compute_tps", "compute tok/s", "si"),
+    ("fraction_of_roofline", "of roofline", ".1%"),
     ("first_call_s", "1st call s", ".1f"),
 )
 
@@ -214,12 +242,14 @@ def table_row(case: dict[str, Any]) -> dict[str, Any]:
         "cache_speedup": case["cache_speedup"],
         "bound_tps": case["bound"]["tokens_per_s"],
         "fraction_of_bound": case["fraction_of_bound"],
+        "compute_tps": case["compute"]["tokens_per_s"],
+        "fraction_of_roofline": case["fraction_of_roofline"],
         "first_call_s": case["cache"]["first_call_s"],
     }
 
 
 def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Cache speedups at the most new tokens and bound fractions at the largest batch."""
+    """Cache speedups at the most new tokens; bound and roofline fractions at the largest batch."""
     most_new = max(case["new_tokens"] for case in cases)
     largest = max(case["batch"] for case in cases)
     return {
@@ -232,6 +262,11 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
         "batch": largest,
         "fraction_of_bound": {
             f"prompt={c['prompt_len']},new={c['new_tokens']}": c["fraction_of_bound"]
+            for c in cases
+            if c["batch"] == largest
+        },
+        "fraction_of_roofline": {
+            f"prompt={c['prompt_len']},new={c['new_tokens']}": c["fraction_of_roofline"]
             for c in cases
             if c["batch"] == largest
         },
@@ -263,6 +298,9 @@ def run(settings: Settings) -> dict[str, Any]:
     print(f"cache tokens/s as a fraction of the bandwidth bound at batch {summary['batch']}:")
     for key, value in summary["fraction_of_bound"].items():
         print(f"  {key}: {value:.1%}")
+    print(f"cache tokens/s as a fraction of the roofline at batch {summary['batch']}:")
+    for key, value in summary["fraction_of_roofline"].items():
+        print(f"  {key}: {value:.1%}")
     return {
         "settings": dataclasses.asdict(settings),
         "model": dataclasses.asdict(cfg),
@@ -287,4 +325,5 @@ if __name__ == "__main__":
     flags.DEFINE_list("new_tokens", ["64", "256"], "Tokens generated per row.")
     flags.DEFINE_integer("recompute_steps", 4, "Recompute steps timed (each costs the same).")
     flags.DEFINE_integer("repeats", 3, "Timed rounds; rates use each call's fastest.")
+    flags.DEFINE_integer("peak_n", 1024, "Size of the float32 jnp.dot that measures the peak.")
     app.run(main)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bench.decode import decode_bytes_per_step, recompute_sample
+from bench.decode import compute_tokens_per_s, decode_bytes_per_step, recompute_sample
 from bench.pipeline import count_examples
 from bench.train_step import synthetic_batch
 from data.pipeline import BATCH_FEATURES
@@ -84,9 +84,13 @@ def test_decode_cases_and_summary(quick_runs):
         assert case["fraction_of_bound"] == pytest.approx(cache / case["bound"]["tokens_per_s"])
         assert case["recompute"]["padded_len"] == 24
         assert case["bound"]["copy_bandwidth_bytes_per_s"] > 1e8
+        assert case["compute"]["matmul_peak_flops"] > 1e8
+        roofline = min(case["bound"]["tokens_per_s"], case["compute"]["tokens_per_s"])
+        assert case["fraction_of_roofline"] == pytest.approx(cache / roofline)
     summary = results["summary"]
     assert summary["batch"] == 4 and summary["new_tokens"] == 8
     assert set(summary["cache_speedup"]) == {"batch=1,prompt=16", "batch=4,prompt=16"}
+    assert set(summary["fraction_of_roofline"]) == {"prompt=16,new=8"}
 
 
 def test_pipeline_headroom(quick_runs):
@@ -132,6 +136,16 @@ def test_decode_bytes_count_weights_once_and_every_cached_token():
     assert decode_bytes_per_step(cfg, 4, 100) == weights + 4 * 100 * kv_per_token
     tied = get_preset("small")
     assert decode_bytes_per_step(tied, 1, 0) == 4 * tied.num_params()
+
+
+def test_decode_compute_bound_is_the_forward_flops_at_the_peak():
+    cfg = get_preset("small")
+    context = 16 + (7 + 1) / 2
+    matmul_weights = cfg.num_layers * (cfg.layer_params() - 2 * cfg.d_model)
+    matmul_weights += cfg.d_model * cfg.vocab_size
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+    flops = 2 * matmul_weights + attention
+    assert compute_tokens_per_s(cfg, 16, 7, 1e9) == pytest.approx(1e9 / flops)
 
 
 def test_count_examples_counts_segment_starts():
