@@ -46,11 +46,16 @@ def matmul_call(n: int, dtype: str) -> tuple[Callable[[], Any], float]:
 
 
 def copy_call(num_bytes: int) -> tuple[Callable[[], Any], float]:
-    """(a no-argument numpy copy of `num_bytes`, the bytes one call moves: read + write)."""
-    src = np.ones(num_bytes // 8, np.float64)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault every page in before timing
-    return functools.partial(np.copyto, dst, src), 2.0 * src.nbytes
+    """(a no-argument copy of `num_bytes` in the default device's memory, the bytes one call
+    moves: read + write). On a CPU a numpy copy; on an accelerator a jitted device copy."""
+    if jax.default_backend() == "cpu":
+        src = np.ones(num_bytes // 8, np.float64)
+        dst = np.empty_like(src)
+        np.copyto(dst, src)  # fault every page in before timing
+        return functools.partial(np.copyto, dst, src), 2.0 * src.nbytes
+    src = jnp.ones(num_bytes // 4, jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0).lower(src).compile()
+    return functools.partial(copy, src), 2.0 * src.nbytes
 
 
 def ceiling_calls(*, peak_n: int = 0, copy_bytes: int = 0) -> dict[str, tuple[Callable, float]]:

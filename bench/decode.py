@@ -16,12 +16,13 @@ prompts, no stop token, so every row decodes all T tokens):
              every row's cached keys and values; bytes / measured copy bandwidth = the fastest
              step possible. The cache holds P + (T + 1) / 2 tokens on average over the rollout.
   compute    the compute bound of a decode step: its forward FLOPs (2 per matmul weight per
-             row, plus attention over the cached tokens) / the float32 matmul peak measured with
-             a large `jnp.dot` in the same rounds. At batch 64 a small model on a CPU does more
-             arithmetic per byte read than the machine's FLOP/byte ratio, so this bound, not
-             the bandwidth one, is the one a perfect sampler would hit.
+             row, plus attention over the cached tokens) / the matmul peak of the model's
+             compute dtype, measured with a large `jnp.dot` in the same rounds. At batch 64
+             a small model on a CPU does more arithmetic per byte read than the machine's
+             FLOP/byte ratio, so this bound, not the bandwidth one, is the one a perfect
+             sampler would hit.
 
-Each case compiles both, then times cache, recompute, a numpy copy (the bandwidth) and the
+Each case compiles both, then times cache, recompute, a memory copy (the bandwidth) and the
 matmul (the peak) round-robin, so the ratios divide numbers taken under the same machine load.
 
 "speedup" is cache / recompute tokens/s, "of bound" is cache / bandwidth-bound tokens/s and
@@ -74,7 +75,7 @@ def settings_from_flags() -> Settings:
         tuple(int(t) for t in FLAGS.new_tokens),
         FLAGS.recompute_steps,
         FLAGS.repeats,
-        1 << 28,
+        FLAGS.copy_mib << 20,
         FLAGS.peak_n,
     )
 
@@ -171,7 +172,7 @@ def measure_case(
 
     ceilings = {
         "copy": common.copy_call(settings.copy_bytes),
-        "peak": common.matmul_call(settings.peak_n, "float32"),
+        "peak": common.matmul_call(settings.peak_n, jnp.dtype(cfg.compute_dtype).name),
     }
     calls = {
         "cache": cached,
@@ -325,5 +326,8 @@ if __name__ == "__main__":
     flags.DEFINE_list("new_tokens", ["64", "256"], "Tokens generated per row.")
     flags.DEFINE_integer("recompute_steps", 4, "Recompute steps timed (each costs the same).")
     flags.DEFINE_integer("repeats", 3, "Timed rounds; rates use each call's fastest.")
-    flags.DEFINE_integer("peak_n", 1024, "Size of the float32 jnp.dot that measures the peak.")
+    flags.DEFINE_integer("peak_n", 1024, "Size of the jnp.dot that measures the peak.")
+    flags.DEFINE_integer(
+        "copy_mib", 256, "MiB copied to measure the bandwidth (4096 on a GPU, past launch costs)."
+    )
     app.run(main)

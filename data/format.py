@@ -104,6 +104,10 @@ class ParsedResponse:
     complete_blocks: int  # blocks closed with headline and summary, markers in order
 
 
+# The float32 masks of an EncodedDialogue that the losses weight, in batch order.
+TARGET_MASKS = ("loss_mask", "headline_mask", "thoughts_mask", "summary_mask", "answer_mask")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedDialogue:
     """Token ids of a rendered dialogue with per-token masks, all arrays of length L."""

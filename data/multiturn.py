@@ -40,8 +40,6 @@ FOLLOW_UPS = {
 # A larger answer only gets "add" follow-ups: with 4-digit multiplicands at most, 2% of the
 # three-turn training examples pass 512 tokens (17% pass 384).
 MAX_MULTIPLICAND = 10**4
-# data.pipeline.TARGET_MASKS, spelled out: the pipeline is the module that imports this one.
-_TARGET_MASKS = ("loss_mask", "headline_mask", "thoughts_mask", "summary_mask", "answer_mask")
 
 
 def whole_answer(problem: Problem) -> int | None:
@@ -104,7 +102,7 @@ def encode_conversation(
     # Everything up to the last assistant header is context: tokenization is exact per span,
     # so the prompt of the last turn is a prefix of the whole dialogue's tokens.
     context = len(fmt.encode_prompt(fmt.Dialogue(dialogue.turns[:-1]), tokenizer))
-    masks = {key: getattr(encoded, key).copy() for key in _TARGET_MASKS}
+    masks = {key: getattr(encoded, key).copy() for key in fmt.TARGET_MASKS}
     for mask in masks.values():
         mask[:context] = 0.0
     step_end = encoded.step_end.copy()
@@ -145,6 +143,6 @@ def multiturn_example(
         "targets": np.append(tokens_T[1:], np.int32(tokenizer.pad_id)).astype(np.int32),
         "step_end_mask": encoded.step_end.astype(np.int32),
     }
-    for key in _TARGET_MASKS:
+    for key in fmt.TARGET_MASKS:
         example[key] = np.append(getattr(encoded, key)[1:], 0).astype(np.float32)
     return example

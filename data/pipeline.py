@@ -32,7 +32,7 @@ from data import format as fmt
 from data.builder import record_to_problem
 from data.multiturn import multiturn_example
 
-TARGET_MASKS = ("loss_mask", "headline_mask", "thoughts_mask", "summary_mask", "answer_mask")
+TARGET_MASKS = fmt.TARGET_MASKS
 SEQUENCE_FEATURES = ("inputs", "targets", *TARGET_MASKS, "step_end_mask")
 BATCH_FEATURES = (*SEQUENCE_FEATURES, "positions", "segment_ids")
 _EPOCH = "epoch"  # per-example epoch index, read (and removed) by the length filter

@@ -19,7 +19,10 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = sorted(glob.glob(os.path.join(REPO, "tpu", "*.sh")))
+# The TPU scripts and the GPU benchmark script.
+SCRIPTS = sorted(
+    glob.glob(os.path.join(REPO, "tpu", "*.sh")) + [os.path.join(REPO, "bench", "gpu.sh")]
+)
 
 FAKE_GCLOUD = f"""#!{sys.executable}
 import json, os, shutil, sys
