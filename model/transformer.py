@@ -226,7 +226,8 @@ class Attention(nn.Module):
             k_BxKxSxDh, v_BxKxSxDh = (jnp.swapaxes(a, 1, 2) for a in (k_BxLxKxDh, v_BxLxKxDh))
         else:
             # With a cache, a row's first position is its write slot. The whole stack is
-            # updated and carried from layer to layer, so decoding never copies the cache.
+            # updated in place and carried from layer to layer, so a decode step no longer
+            # slices the cache per layer and restacks it afterwards.
             start_B = positions_BxL[:, 0]
             kv = tuple(
                 _write_cache(cache, new, start_B, layer)
