@@ -139,7 +139,9 @@ def get_config(arg: str | None = None):
     # Every algorithm samples the same budget: rollouts x 128 responses.
     if arg.algo == "grpo":
         r.kl.mode, r.kl.estimator, r.kl.coef = "loss", "k3", 0.02
-        c.optimizer.lr = 1e-4
+        # Measured on this budget from the default SFT: lr 1e-4 lowered greedy accuracy 53.1 ->
+        # 50.0 (Adam moves every weight ~0.1% per step on this 2M model); 3e-5 raised it to 56.2.
+        c.optimizer.lr = 3e-5
     if arg.algo in ("ei", "dpo", "orpo"):
         r.prompts, r.group_size, r.epochs = 32, 4, 1
         c.optimizer.lr = 1e-4 if arg.algo != "ei" else 3e-4
