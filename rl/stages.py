@@ -18,6 +18,7 @@ import ml_collections
 from etils import epath
 
 from data.build import is_remote
+from train import init_from as init_from_lib
 from train import workdir as workdir_lib
 
 PLACEHOLDER = "{workdir}"
@@ -39,12 +40,6 @@ def normalize(path: str) -> str:
     # ".." stops at the bucket: gs://bucket/.. is no place for a run.
     key = posixpath.normpath(f"/{key}").lstrip("/")
     return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
-
-
-def is_huggingface_dir(path: str) -> bool:
-    """A Hugging Face checkpoint directory (config.json + *.safetensors), never trained here."""
-    directory = epath.Path(path)
-    return (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
 
 
 def is_finished(workdir: str) -> bool:
@@ -101,7 +96,7 @@ def ensure_stages(config: ml_collections.ConfigDict, workdir: str) -> None:
     sft = config.init_from
     if not sft:
         return  # a policy trained from scratch: nothing to build
-    if not is_huggingface_dir(sft):
+    if not init_from_lib.is_huggingface_dir(sft):
         if is_finished(sft):
             print(f"Reusing the finished SFT run in {sft}.", flush=True)
         else:

@@ -33,6 +33,12 @@ class InitSource:
     path: str
 
 
+def is_huggingface_dir(path: str) -> bool:
+    """A Hugging Face checkpoint directory (config.json + *.safetensors), local or remote."""
+    directory = epath.Path(path)
+    return (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
+
+
 def find_source(init_from: str) -> InitSource | None:
     """Classifies `config.init_from`; raises with a clear message if it is neither kind."""
     if not init_from:
@@ -40,7 +46,7 @@ def find_source(init_from: str) -> InitSource | None:
     path = epath.Path(init_from)
     if (path / "checkpoints").is_dir():
         return InitSource("workdir", init_from)
-    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+    if is_huggingface_dir(init_from):
         if is_remote(init_from):
             raise ValueError(
                 f"init_from={init_from!r} is a Hugging Face directory in cloud storage; copy it "
