@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "remat_full": {"remat": "full"},
     "remat_dots": {"remat": "dots_saveable"},
     "bf16": {"dtype": "bfloat16"},
+    # cuDNN's fused attention (NVIDIA GPUs only): no materialized [L, S] scores.
+    "cudnn": {"attention": "cudnn", "dtype": "bfloat16"},
 }
 PASSES = ("forward", "forward_backward", "train_step")
 # Model FLOPs per token of each pass, as a fraction of ModelConfig.flops_per_token.
@@ -67,6 +69,7 @@ class Settings:
     seq_len: int
     variants: tuple[str, ...]
     variant_size: str
+    segments_per_row: int
     warmup: int
     repeats: int
     peak_n: int
@@ -76,7 +79,7 @@ def settings_from_flags() -> Settings:
     """The flags' settings, or the tiny ones under --quick."""
     if FLAGS.quick:
         # One variant only: every compile costs seconds on a loaded CPU.
-        return Settings(("tiny",), {"tiny": 8}, 64, ("no_scan",), "tiny", 1, 2, 256)
+        return Settings(("tiny",), {"tiny": 8}, 64, ("no_scan",), "tiny", 4, 1, 2, 256)
     batch_sizes = {}
     for item in FLAGS.batch_sizes:
         name, _, value = item.partition(":")
@@ -95,6 +98,7 @@ def settings_from_flags() -> Settings:
         FLAGS.seq_len,
         tuple(FLAGS.variants),
         FLAGS.variant_size,
+        FLAGS.segments_per_row,
         FLAGS.warmup,
         FLAGS.repeats,
         FLAGS.peak_n,
@@ -107,10 +111,14 @@ def settings_from_flags() -> Settings:
 def synthetic_batch(
     batch_size: int, seq_len: int, vocab_size: int, segments_per_row: int = 4, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """A packed SFT batch of random tokens with the pipeline's keys; every target is trained."""
+    """A packed SFT batch of random tokens with the pipeline's keys; every target is trained.
+
+    segments_per_row=0 gives unpacked rows: one sequence each and no `segment_ids`, the case
+    where fused attention kernels need no mask at all.
+    """
     rng = np.random.default_rng(seed)
     shape = (batch_size, seq_len)
-    segment_len = -(-seq_len // segments_per_row)
+    segment_len = -(-seq_len // max(segments_per_row, 1))
     index_L = np.arange(seq_len, dtype=np.int32)
     tokens_BxL1 = rng.integers(1, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
     batch = {
@@ -120,6 +128,8 @@ def synthetic_batch(
         "segment_ids": np.tile(1 + index_L // segment_len, (batch_size, 1)),
         "step_end_mask": np.zeros(shape, np.int32),
     }
+    if segments_per_row == 0:
+        del batch["segment_ids"]
     batch.update({key: np.zeros(shape, np.float32) for key in TARGET_MASKS})
     batch["loss_mask"][:] = 1.0
     batch["thoughts_mask"][:] = 1.0
@@ -292,7 +302,9 @@ def run(settings: Settings) -> dict[str, Any]:
     for label, size, overrides, passes in jobs:
         cfg = model_config(size, settings.seq_len, **overrides)
         batch_size = settings.batch_sizes[size]
-        batch_np = synthetic_batch(batch_size, settings.seq_len, cfg.vocab_size)
+        batch_np = synthetic_batch(
+            batch_size, settings.seq_len, cfg.vocab_size, settings.segments_per_row
+        )
         entries.append(
             (label, cfg, batch_size, compile_passes(make_harness(cfg, config), batch_np, passes))
         )
@@ -342,6 +354,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run: {sorted(VARIANTS)}.")
     flags.DEFINE_string("variant_size", "base", "The size the variants change.")
+    flags.DEFINE_integer(
+        "segments_per_row", 4, "Packed sequences per row; 0: unpacked rows without segment ids."
+    )
     flags.DEFINE_integer("warmup", 1, "Untimed rounds after compiling.")
     flags.DEFINE_integer("repeats", 3, "Timed rounds; rates use each call's fastest.")
     flags.DEFINE_integer(

@@ -9,6 +9,14 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# How attention without a KV cache (training, scoring) is computed:
+#   "einsum": grouped einsums over materialized [L, S] scores; any backend, the CPU's fastest;
+#   "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16): no [L, S] scores in memory,
+#     and the blocks above the diagonal are skipped;
+#   "xla": the reference behind the same jax.nn.dot_product_attention call, so CPU tests
+#     check the fused path's plumbing (head grouping, packing mask) against "einsum".
+# Decoding with a cache always uses "einsum": one query row per step has no scores to fuse.
+ATTENTION_KERNELS = ("einsum", "cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +40,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "einsum"  # one of ATTENTION_KERNELS
 
     def __post_init__(self):
         # JSON round trips turn the rope_scaling tuple into a list; accept that.
@@ -54,6 +63,15 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; use one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; use one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"ModelConfig.attention={self.attention!r}; use one of {ATTENTION_KERNELS}"
+            )
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError(
+                "ModelConfig.attention='cudnn' needs dtype='bfloat16' (cuDNN's fused attention "
+                "takes 16-bit inputs); use attention='einsum' for float32"
+            )
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError("rope_theta and norm_eps must be positive")
         _check_rope_scaling(self.rope_scaling)

@@ -181,6 +181,30 @@ def attend(q_BxLxKxGxDh: Array, k_BxKxSxDh: Array, v_BxKxSxDh: Array, mask_BxLxS
     return jnp.einsum("bkgls,bksd->blkgd", probs_BxKxGxLxS, v_BxKxSxDh)
 
 
+def attend_fused(
+    q_BxLxHxDh: Array,
+    k_BxSxKxDh: Array,
+    v_BxSxKxDh: Array,
+    same_segment_BxLxS: Array | None,
+    implementation: str,
+) -> Array:
+    """Causal grouped-query attention through `jax.nn.dot_product_attention`.
+
+    The kernel applies causality itself (cuDNN skips the blocks above the diagonal), so the
+    mask carries only packing: which keys share the query's segment, or None when every row
+    holds one sequence. Query head h reads kv head h // G, as in `attend`.
+    """
+    mask_Bx1xLxS = None if same_segment_BxLxS is None else same_segment_BxLxS[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxLxHxDh,
+        k_BxSxKxDh,
+        v_BxSxKxDh,
+        mask=mask_Bx1xLxS,
+        is_causal=True,
+        implementation=implementation,
+    )
+
+
 def _write_cache(cache_YxBxKxSxDh: Array, new_BxLxKxDh: Array, start_B: Array, layer) -> Array:
     """Writes each row's L new entries of `layer` at the row's own slot offset, in place."""
     B, L = new_BxLxKxDh.shape[:2]
@@ -203,12 +227,17 @@ class Attention(nn.Module):
         self,
         x_BxLxD: Array,
         positions_BxL: Array,
-        mask_BxLxS: Array,
+        mask_BxLxS: Array | None,
         kv: tuple[Array, Array] | None,
         layer: Array | int,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """(output [B, L, D], the (k, v) cache of every layer [Y, B, K, S, Dh] with this layer's
-        L new entries written, or None without a cache)."""
+        L new entries written, or None without a cache).
+
+        `mask_BxLxS` says which keys each query may read. Without a cache and with a fused
+        kernel (`cfg.attention` other than "einsum"), the kernel applies causality and the
+        mask holds only packing (same segment), or is None for one sequence per row.
+        """
         cfg = self.cfg
         D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         in_axes = ("embed", "heads", "kv")
@@ -222,6 +251,16 @@ class Attention(nn.Module):
         q_BxLxKxGxDh = with_logical_constraint(q_BxLxKxGxDh, _GROUPED_Q)
         k_BxLxKxDh = with_logical_constraint(apply_rope(k_BxLxKxDh, positions_BxL, inv_freq), _KV)
         v_BxLxKxDh = with_logical_constraint(v_BxLxKxDh, _KV)
+        o = Linear(cfg, (H, Dh, D), ("heads", "kv", "embed"), num_in=2, name="o")
+        if kv is None and cfg.attention != "einsum":
+            out_BxLxHxDh = attend_fused(
+                q_BxLxKxGxDh.reshape(B, L, H, Dh),
+                k_BxLxKxDh,
+                v_BxLxKxDh,
+                mask_BxLxS,
+                cfg.attention,
+            )
+            return o(out_BxLxHxDh), None
         if kv is None:
             k_BxKxSxDh, v_BxKxSxDh = (jnp.swapaxes(a, 1, 2) for a in (k_BxLxKxDh, v_BxLxKxDh))
         else:
@@ -238,7 +277,6 @@ class Attention(nn.Module):
             )
         out_BxLxKxGxDh = attend(q_BxLxKxGxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
         out_BxLxKxGxDh = with_logical_constraint(out_BxLxKxGxDh, _GROUPED_Q)
-        o = Linear(cfg, (H, Dh, D), ("heads", "kv", "embed"), num_in=2, name="o")
         return o(out_BxLxKxGxDh.reshape(B, L, H, Dh)), kv
 
 
@@ -270,7 +308,7 @@ class Block(nn.Module):
         self,
         carry: tuple[Array, tuple[Array, Array] | None],
         positions_BxL: Array,
-        mask_BxLxS: Array,
+        mask_BxLxS: Array | None,
         layer: Array | int,
     ) -> tuple[tuple[Array, tuple[Array, Array] | None], None]:
         """((x after the attention and MLP residuals, kv with layer `layer` updated), None)."""
@@ -410,14 +448,19 @@ class Transformer(nn.Module):
         `segment_ids_BxL` then only marks right padding, which is not counted as written.
         """
         B, L = tokens_BxL.shape
+        packed = segment_ids_BxL is not None
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones((B, L), jnp.int32)
         if cache is None:
             if positions_BxL is None:
                 positions_BxL = segment_positions(segment_ids_BxL)
-            causal_LxL = jnp.tril(jnp.ones((L, L), bool))
             same_segment_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-            mask_BxLxS = causal_LxL[None] & same_segment_BxLxL
+            if self.cfg.attention != "einsum":
+                # Fused kernels apply causality themselves; only packing needs a mask.
+                mask_BxLxS = same_segment_BxLxL if packed else None
+            else:
+                causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+                mask_BxLxS = causal_LxL[None] & same_segment_BxLxL
             kv = None
         else:
             if positions_BxL is not None:

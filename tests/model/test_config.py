@@ -44,6 +44,8 @@ def test_flops_are_six_per_matmul_weight_plus_attention(tie):
         ({"head_dim": 7}, "even"),
         ({"dtype": "float16"}, "dtype"),
         ({"remat": "sometimes"}, "remat"),
+        ({"attention": "flash"}, "attention"),
+        ({"attention": "cudnn"}, "bfloat16"),
         ({"d_model": 0}, "positive int"),
         ({"rope_scaling": ("yarn", 2.0, 1.0, 4.0, 8192)}, "rope_scaling"),
         ({"rope_scaling": ("llama3", 8.0, 4.0, 1.0, 8192)}, "low_freq_factor"),

@@ -113,6 +113,30 @@ def test_remat_keeps_gradients(tiny_cfg, tiny_params, remat):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), got, expected)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_attention_path_matches_einsum(tiny_cfg, tiny_params, packed):
+    """attention="xla" runs the jax.nn.dot_product_attention call that "cudnn" makes on a GPU:
+    same head grouping, causality from the kernel, packing from the mask."""
+    fused_cfg = dataclasses.replace(tiny_cfg, attention="xla")
+    tokens_BxL = _tokens((2, 12), seed=3)
+    segments_BxL = None
+    if packed:
+        segments_BxL = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], jnp.int32)
+
+    def loss(cfg, params):
+        logits_BxLxV = Transformer(cfg).apply({"params": params}, tokens_BxL, None, segments_BxL)
+        return jnp.mean(logits_BxLxV**2), logits_BxLxV
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=1, has_aux=True), static_argnums=0)
+    (expected_grads, expected_logits), (got_grads, got_logits) = (
+        grad_fn(cfg, tiny_params) for cfg in (tiny_cfg, fused_cfg)
+    )
+    np.testing.assert_allclose(got_logits, expected_logits, atol=1e-5)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), got_grads, expected_grads
+    )
+
+
 def test_bfloat16_compute_is_close_to_float32(tiny_cfg, tiny_params):
     tokens_BxL = _tokens((2, 8))
     bf16_cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16")

@@ -49,7 +49,11 @@ def make_sft_loss(config: ml_collections.ConfigDict, model):
     def loss_fn(params, batch, rng):
         del rng  # deterministic: no dropout in the decoder
         logits_BxLxV = model.apply(
-            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+            # No segment_ids: one sequence per row (bench.train_step --segments_per_row=0).
+            {"params": params},
+            batch["inputs"],
+            batch["positions"],
+            batch.get("segment_ids"),
         )
         ce_BxL, log_z_BxL = cross_entropy(logits_BxLxV, batch["targets"])
         weights_BxL = token_weights(batch, loss_config)
