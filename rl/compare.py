@@ -7,9 +7,11 @@ Given several runs from the same SFT policy and data, it scores the SFT policy o
 run on the same problems, one row each (the RL algorithm comparison in the README).
 
 Problems are held out: the training difficulty uses the first `eval.num_problems` problems of
-`eval.split` of the RL run's data (0: the whole split, as in the SFT evaluation), the harder
-level as many fresh problems of `rl.compare.harder_task` with `harder_knobs`, none of whose
-prompts is in the train split. The RL objectives' evaluation ("rl") scores the policy greedily
+`eval.split` of the RL run's data (0: the whole split, as in the SFT evaluation), topped up to
+`rl.compare.num_problems` (or `--num_problems`) with fresh problems of the same mix, and the
+harder level as many fresh problems of `rl.compare.harder_task` with `harder_knobs`; no fresh
+prompt is in the train split or drawn twice. 64 problems leave a greedy accuracy uncertain by
+about +-6 points (one standard error), 256 by +-3. The RL objectives' evaluation ("rl") scores the policy greedily
 at the training difficulty; at the end of a run, if `rl.compare.table`, it prints the table.
 """
 
@@ -30,9 +32,10 @@ from train.evaluate import register_evaluation
 TRAIN_LEVEL, HARDER_LEVEL = "train difficulty", "harder"
 
 
-def held_out_levels(config, prepared) -> dict[str, list[Problem]]:
-    """{level name: problems}: `eval.split`'s first `eval.num_problems` (0: all), and as many
-    harder problems unseen in training."""
+def held_out_levels(config, prepared, num_problems: int = 0) -> dict[str, list[Problem]]:
+    """{level name: problems}: `eval.split`'s first `eval.num_problems` (0: all) topped up to
+    `num_problems` with fresh ones of the run's mix, and as many harder problems; no fresh
+    problem was seen in training."""
     split, count = config.eval.split, config.eval.num_problems
     source = load_split(prepared.builder, split)
     level = [record_to_problem(source[i]) for i in range(min(count or len(source), len(source)))]
@@ -41,10 +44,21 @@ def held_out_levels(config, prepared) -> dict[str, list[Problem]]:
     train = load_split(prepared.builder, config.rl.split)
     seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
     seen |= {canonical_prompt(p.prompt) for p in level}
+
+    def fresh(mix, n: int, stream: int) -> list[Problem]:
+        """Up to n problems of `mix` whose prompts are not in `seen` (which takes them)."""
+        kept = []
+        for p in generate_problems(mix, 2 * n, config.data.seed + stream, "test"):
+            if len(kept) < n and canonical_prompt(p.prompt) not in seen:
+                seen.add(canonical_prompt(p.prompt))
+                kept.append(p)
+        return kept
+
+    if num_problems > len(level):
+        mix = {name: dict(entry) for name, entry in config.data.tasks.items()}
+        level += fresh(mix, num_problems - len(level), stream=2)
     c = config.rl.compare
-    mix = {c.harder_task: {"weight": 1.0, "knobs": dict(c.harder_knobs)}}
-    drawn = generate_problems(mix, 2 * len(level), config.data.seed + 1, "test")
-    harder = [p for p in drawn if canonical_prompt(p.prompt) not in seen][: len(level)]
+    harder = fresh({c.harder_task: {"weight": 1.0, "knobs": dict(c.harder_knobs)}}, len(level), 1)
     return {TRAIN_LEVEL: level, HARDER_LEVEL: harder}
 
 
@@ -133,7 +147,7 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
 
     def eval_fn(params, step: int) -> dict:
         if not levels:
-            levels.update(held_out_levels(config, prepared))
+            levels.update(held_out_levels(config, prepared, config.rl.compare.num_problems))
         tokenizer, c = prepared.tokenizer, config.rl.compare
         if step < config.num_steps or not c.table:
             problems = levels[TRAIN_LEVEL]
@@ -157,6 +171,9 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
     return eval_fn
 
 
+_TABLE_ONLY = ("table", "num_problems")
+
+
 def _same_start(runs) -> None:
     """Raises unless every run starts from the same SFT policy and draws the same eval problems."""
     first = runs[0].config
@@ -166,8 +183,8 @@ def _same_start(runs) -> None:
             a, b = first, c
             for part in key.split("."):
                 a, b = a[part], b[part]
-            if key == "rl.compare":  # whether a run printed its own table does not matter
-                a, b = ({k: v for k, v in x.items() if k != "table"} for x in (a, b))
+            if key == "rl.compare":  # the table's own settings; --num_problems sets the count
+                a, b = ({k: v for k, v in x.items() if k not in _TABLE_ONLY} for x in (a, b))
             if a != b:
                 raise ValueError(
                     f"runs differ in {key}: compare runs of the same SFT policy and eval set"
@@ -185,13 +202,18 @@ def main(argv):
     _same_start(runs)
     first = runs[0]
     prepared = prepare(first.config.data, workdirs[0], verbose=False)
-    levels = held_out_levels(first.config, prepared)
+    num_problems = flags.FLAGS.num_problems
+    if num_problems is None:
+        num_problems = first.config.rl.compare.get("num_problems", 0)
+    levels = held_out_levels(first.config, prepared, num_problems)
     policies = {"SFT": reference_params(first.config, first.model_cfg, first.params)}
     names = ["RL"] if len(runs) == 1 else [run.config.objective for run in runs]
     if len(set(names)) < len(names):  # e.g. outcome vs outcome+PRM rewards: name by workdir
         names = [str(workdir).rstrip("/").rsplit("/", 1)[-1] for workdir in workdirs]
     policies |= {name: run.params for name, run in zip(names, runs, strict=True)}
     sampled = None if flags.FLAGS.harder_samples else (TRAIN_LEVEL,)
+    if not flags.FLAGS.samples:
+        sampled = ()
     table = compare(policies, first.model_cfg, first.tokenizer, levels, first.config, sampled)
     print(format_table(table))
     if flags.FLAGS.out:
@@ -208,4 +230,11 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string("out", "", "Optional JSON path for {level: {policy: scores}}.")
     flags.DEFINE_bool("harder_samples", True, "Also sample pass@n at the harder level.")
+    flags.DEFINE_bool("samples", True, "Sample pass@n at all; False scores greedy only.")
+    flags.DEFINE_integer(
+        "num_problems",
+        None,
+        "Problems per level: the eval split's, topped up with fresh held-out ones "
+        "(default: the first run's rl.compare.num_problems).",
+    )
     app.run(main)

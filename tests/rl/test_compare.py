@@ -1,4 +1,5 @@
-"""The before/after problems: eval.num_problems of eval.split (0: all), and as many harder."""
+"""The before/after problems: eval.num_problems of eval.split (0: all), topped up with fresh
+held-out ones to rl.compare.num_problems, and as many harder."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ def prepared(tmp_path_factory):
     return config, prepare(config.data, str(tmp_path_factory.mktemp("data")), verbose=False)
 
 
-def levels_for(prepared, **eval_overrides):
+def levels_for(prepared, total=0, **eval_overrides):
     config, data = prepared
     config = config.copy_and_resolve_references()
     config.eval.update(eval_overrides)
-    return compare.held_out_levels(config, data)
+    return compare.held_out_levels(config, data, total)
 
 
 def test_zero_problems_means_the_whole_split(prepared):
@@ -41,6 +42,26 @@ def test_a_count_takes_the_first_problems_of_the_split(prepared):
     assert len(levels[compare.HARDER_LEVEL]) == 1
     # More than the split holds: the whole split.
     assert len(levels_for(prepared, split="validation", num_problems=9)[compare.TRAIN_LEVEL]) == 2
+
+
+def test_a_larger_count_tops_up_with_fresh_unseen_problems_of_the_mix(prepared):
+    config, data = prepared
+    base = levels_for(prepared, split="test", num_problems=0)[compare.TRAIN_LEVEL]
+    levels = levels_for(prepared, 12, split="test", num_problems=0)
+    level = levels[compare.TRAIN_LEVEL]
+    assert len(level) == 12 and len(levels[compare.HARDER_LEVEL]) == 12
+    assert [p.prompt for p in level[: len(base)]] == [p.prompt for p in base]
+    prompts = [canonical_prompt(p.prompt) for p in level + levels[compare.HARDER_LEVEL]]
+    assert len(set(prompts)) == len(prompts)  # nothing drawn twice, across levels too
+    train = load_split(data.builder, "train")
+    seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
+    assert not seen & set(prompts)
+    ((task, entry),) = config.data.tasks.items()
+    digits = entry["knobs"]["digits"]
+    assert all(p.task == task and len(str(p.meta["a"])) == digits for p in level)
+    # The same count draws the same problems (every run of a comparison scores the same ones).
+    again = levels_for(prepared, 12, split="test", num_problems=0)[compare.TRAIN_LEVEL]
+    assert [p.prompt for p in again] == [p.prompt for p in level]
 
 
 def test_harder_problems_are_harder_and_unseen_in_training(prepared):
@@ -76,6 +97,9 @@ def test_runs_compared_together_must_share_the_sft_policy_and_eval_set(prepared)
     other.init_from = "/elsewhere/sft"
     with pytest.raises(ValueError, match="init_from"):
         compare._same_start([_run(config), _run(other)])
+    more = config.copy_and_resolve_references()
+    more.rl.compare.num_problems, more.rl.compare.table = 512, False  # the table's own settings
+    compare._same_start([_run(config), _run(more)])
     harder = config.copy_and_resolve_references()
     harder.rl.compare.harder_knobs = {"digits": 9}
     with pytest.raises(ValueError, match="rl.compare"):

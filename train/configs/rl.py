@@ -108,10 +108,12 @@ def get_config(arg: str | None = None):
     r.orpo_lambda = 0.5
     r.forward_batch = 32  # rows per process in each log-prob / value forward
 
-    # Before/after table at the end of the run (rl/compare.py) on the eval problems below and as
-    # many of the harder level; evaluations during the run score greedy accuracy only.
+    # Before/after table at the end of the run (rl/compare.py) on the eval problems below,
+    # topped up with fresh held-out ones to num_problems (64 alone leave +-6 points of noise),
+    # and as many of the harder level; evaluations during the run score greedy accuracy only.
     r.compare = {
         "table": True,
+        "num_problems": 256,
         "num_samples": 8,
         "temperature": 1.0,
         "harder_task": TASK,
@@ -167,6 +169,7 @@ def get_config(arg: str | None = None):
         r.reward_workers = 2
         r.forward_batch = 8
         r.compare.num_samples = 2
+        r.compare.num_problems = 0  # the test split alone
         rollouts = 3
         c.batch_size = 8
         c.optimizer.lr = 1e-3
