@@ -11,8 +11,9 @@ Problems are held out: the training difficulty uses the first `eval.num_problems
 `rl.compare.num_problems` (or `--num_problems`) with fresh problems of the same mix, and the
 harder level as many fresh problems of `rl.compare.harder_task` with `harder_knobs`; no fresh
 prompt is in the train split or drawn twice. 64 problems leave a greedy accuracy uncertain by
-about +-6 points (one standard error), 256 by +-3. The RL objectives' evaluation ("rl") scores the policy greedily
-at the training difficulty; at the end of a run, if `rl.compare.table`, it prints the table.
+about +-6 points (one standard error), 256 by +-3. The RL objectives' evaluation ("rl")
+scores the policy greedily at the training difficulty; at the end of a run, if
+`rl.compare.table`, it prints the table.
 """
 
 from __future__ import annotations
