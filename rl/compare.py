@@ -66,7 +66,8 @@ def held_out_levels(config, prepared, num_problems: int = 0) -> dict[str, list[P
 def policy_scores(
     params, model_cfg, tokenizer, problems, config, *, samples: bool = True, seed: int = 0
 ) -> dict[str, float]:
-    """Greedy accuracy, and (with `samples`) sampled pass@1 and pass@n of one policy."""
+    """Greedy accuracy, and (with `samples`) sampled pass@1 and pass@n of one policy on the
+    first `rl.compare.sample_problems` problems (0: all): n samples cost n greedy runs."""
     c = config.rl.compare
     questions = [p.prompt for p in problems]
     kwargs = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
@@ -74,11 +75,12 @@ def policy_scores(
     correct_P = [verify_response(p, g[0].text) for p, g in zip(problems, greedy, strict=True)]
     scores = {"greedy": float(np.mean(correct_P))}
     if samples:
+        problems = problems[: c.get("sample_problems", 0) or len(problems)]
         sampled = generate(
             params,
             model_cfg,
             tokenizer,
-            questions,
+            [p.prompt for p in problems],
             greedy=False,
             num_samples=c.num_samples,
             temperature=c.temperature,
@@ -155,7 +157,8 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
             scores = policy_scores(params, model_cfg, tokenizer, problems, config, samples=False)
             return {"accuracy": scores["greedy"], "num_problems": len(problems)}
         policies = {"SFT": reference_params(config, model_cfg, params), "RL": params}
-        table = compare(policies, model_cfg, tokenizer, levels, config)
+        sampled = None if c.get("harder_samples", True) else (TRAIN_LEVEL,)
+        table = compare(policies, model_cfg, tokenizer, levels, config, sampled)
         text = format_table(table)
         print(f"Before/after RL ({config.objective}):\n{text}", flush=True)
         rl_train, rl_harder = table[TRAIN_LEVEL]["RL"], table[HARDER_LEVEL]["RL"]
@@ -172,7 +175,7 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
     return eval_fn
 
 
-_TABLE_ONLY = ("table", "num_problems")
+_TABLE_ONLY = ("table", "num_problems", "sample_problems", "harder_samples")
 
 
 def _same_start(runs) -> None:
@@ -212,7 +215,10 @@ def main(argv):
     if len(set(names)) < len(names):  # e.g. outcome vs outcome+PRM rewards: name by workdir
         names = [str(workdir).rstrip("/").rsplit("/", 1)[-1] for workdir in workdirs]
     policies |= {name: run.params for name, run in zip(names, runs, strict=True)}
-    sampled = None if flags.FLAGS.harder_samples else (TRAIN_LEVEL,)
+    harder_samples = flags.FLAGS.harder_samples
+    if harder_samples is None:
+        harder_samples = first.config.rl.compare.get("harder_samples", True)
+    sampled = None if harder_samples else (TRAIN_LEVEL,)
     if not flags.FLAGS.samples:
         sampled = ()
     table = compare(policies, first.model_cfg, first.tokenizer, levels, first.config, sampled)
@@ -230,7 +236,11 @@ if __name__ == "__main__":
         "workdir", None, "Finished RL run(s) (train.main --config=rl.py).", required=True
     )
     flags.DEFINE_string("out", "", "Optional JSON path for {level: {policy: scores}}.")
-    flags.DEFINE_bool("harder_samples", True, "Also sample pass@n at the harder level.")
+    flags.DEFINE_bool(
+        "harder_samples",
+        None,
+        "Also sample pass@n at the harder level (default: rl.compare.harder_samples).",
+    )
     flags.DEFINE_bool("samples", True, "Sample pass@n at all; False scores greedy only.")
     flags.DEFINE_integer(
         "num_problems",

@@ -3,6 +3,7 @@ held-out ones to rl.compare.num_problems, and as many harder."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from data.builder import canonical_prompt, load_split
@@ -104,6 +105,30 @@ def test_runs_compared_together_must_share_the_sft_policy_and_eval_set(prepared)
     harder.rl.compare.harder_knobs = {"digits": 9}
     with pytest.raises(ValueError, match="rl.compare"):
         compare._same_start([_run(config), _run(harder)])
+
+
+def test_pass_at_n_samples_only_the_first_sample_problems(prepared, monkeypatch):
+    import types
+
+    config = prepared[0].copy_and_resolve_references()
+    config.rl.compare.num_samples, config.rl.compare.sample_problems = 2, 3
+    problems = levels_for(prepared, 10, split="test", num_problems=0)[compare.TRAIN_LEVEL]
+    calls = []
+
+    def fake_generate(params, model_cfg, tokenizer, questions, greedy, num_samples=1, **kw):
+        calls.append((greedy, list(questions)))
+        return [[types.SimpleNamespace(text=q)] * num_samples for q in questions]
+
+    monkeypatch.setattr(compare, "generate", fake_generate)
+    # "Correct" when the question's first operand is even: a known answer per problem.
+    monkeypatch.setattr(compare, "verify_response", lambda p, text: float(p.meta["a"] % 2 == 0))
+    scores = compare.policy_scores(None, None, None, problems, config)
+    assert [(greedy, len(qs)) for greedy, qs in calls] == [(True, 10), (False, 3)]
+    assert calls[1][1] == [p.prompt for p in problems[:3]]
+    even = [float(p.meta["a"] % 2 == 0) for p in problems]
+    assert scores["greedy"] == pytest.approx(np.mean(even))
+    assert scores["pass@1"] == pytest.approx(np.mean(even[:3]))
+    assert scores["pass@2"] == pytest.approx(np.mean(even[:3]))
 
 
 def test_table_has_one_row_per_level_and_policy_with_long_names():

@@ -141,6 +141,9 @@ def test_policy_gradient_learns_a_toy_reward(algo, policy_dir, tmp_path, monkeyp
             saved = json.load(f)
         assert set(saved["compare"]) == {"train difficulty", "harder"}
         assert set(saved["compare"]["harder"]) == {"SFT", "RL"} and "pass@2" in saved["table"]
+        # rl.py samples pass@n at the training difficulty only (rl.compare.harder_samples).
+        assert "pass@2" in saved["compare"]["train difficulty"]["RL"]
+        assert set(saved["compare"]["harder"]["RL"]) == {"greedy"}
         assert result["accuracy"] == saved["accuracy"] and saved["num_problems"] == 2
 
 
