@@ -75,12 +75,12 @@ def policy_scores(
     correct_P = [verify_response(p, g[0].text) for p, g in zip(problems, greedy, strict=True)]
     scores = {"greedy": float(np.mean(correct_P))}
     if samples:
-        problems = problems[: c.get("sample_problems", 0) or len(problems)]
+        sampled_problems = problems[: c.get("sample_problems", 0) or len(problems)]
         sampled = generate(
             params,
             model_cfg,
             tokenizer,
-            [p.prompt for p in problems],
+            [p.prompt for p in sampled_problems],
             greedy=False,
             num_samples=c.num_samples,
             temperature=c.temperature,
@@ -90,7 +90,7 @@ def policy_scores(
         correct_PxN = np.asarray(
             [
                 [verify_response(p, s.text) for s in row]
-                for p, row in zip(problems, sampled, strict=True)
+                for p, row in zip(sampled_problems, sampled, strict=True)
             ]
         )
         scores["pass@1"] = float(correct_PxN.mean())
@@ -109,6 +109,14 @@ def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
             cells = "".join(f"{scores[k]:>10.3f}" if k in scores else f"{'-':>10}" for k in columns)
             lines.append(f"{level:<18}{policy:<{width}}{cells}")
     return "\n".join(lines)
+
+
+def levels_to_sample(compare_config, harder_samples: bool | None = None) -> tuple[str, ...] | None:
+    """The levels whose pass@n is sampled, for `compare`: None (every level), or only the
+    training difficulty when `harder_samples` (default: rl.compare.harder_samples) is False."""
+    if harder_samples is None:
+        harder_samples = compare_config.get("harder_samples", True)
+    return None if harder_samples else (TRAIN_LEVEL,)
 
 
 def compare(policies: dict, model_cfg, tokenizer, levels, config, sampled_levels=None) -> dict:
@@ -157,8 +165,7 @@ def make_rl_evaluation(config, prepared, model_cfg, model):
             scores = policy_scores(params, model_cfg, tokenizer, problems, config, samples=False)
             return {"accuracy": scores["greedy"], "num_problems": len(problems)}
         policies = {"SFT": reference_params(config, model_cfg, params), "RL": params}
-        sampled = None if c.get("harder_samples", True) else (TRAIN_LEVEL,)
-        table = compare(policies, model_cfg, tokenizer, levels, config, sampled)
+        table = compare(policies, model_cfg, tokenizer, levels, config, levels_to_sample(c))
         text = format_table(table)
         print(f"Before/after RL ({config.objective}):\n{text}", flush=True)
         rl_train, rl_harder = table[TRAIN_LEVEL]["RL"], table[HARDER_LEVEL]["RL"]
@@ -215,10 +222,7 @@ def main(argv):
     if len(set(names)) < len(names):  # e.g. outcome vs outcome+PRM rewards: name by workdir
         names = [str(workdir).rstrip("/").rsplit("/", 1)[-1] for workdir in workdirs]
     policies |= {name: run.params for name, run in zip(names, runs, strict=True)}
-    harder_samples = flags.FLAGS.harder_samples
-    if harder_samples is None:
-        harder_samples = first.config.rl.compare.get("harder_samples", True)
-    sampled = None if harder_samples else (TRAIN_LEVEL,)
+    sampled = levels_to_sample(first.config.rl.compare, flags.FLAGS.harder_samples)
     if not flags.FLAGS.samples:
         sampled = ()
     table = compare(policies, first.model_cfg, first.tokenizer, levels, first.config, sampled)
