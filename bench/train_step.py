@@ -45,8 +45,8 @@ from train.step import train_step
 
 FLAGS = flags.FLAGS
 
-# Each variant changes one ModelConfig field against the preset (scanned layers, no remat,
-# float32 compute).
+# Each variant overrides ModelConfig fields of the preset (scanned layers, no remat, the
+# preset's compute dtype, einsum attention); "vs default" divides by the preset's own row.
 VARIANTS: dict[str, dict[str, Any]] = {
     "no_scan": {"scan_layers": False},
     "remat_full": {"remat": "full"},
