@@ -187,14 +187,14 @@ def get_config(arg: str | None = None):
         c.eval.max_new_tokens = r.max_new_tokens
         c.progress_bar = False
 
-    minibatches = max(r.prompts * r.group_size // c.batch_size, 1)
+    updates_per_rollout = r.epochs * max(r.prompts * r.group_size // c.batch_size, 1)
     if arg.algo in ("dpo", "orpo"):
         # One pair per prompt with a right and a wrong response: at most one minibatch.
-        minibatches = 1
+        updates_per_rollout = 1
     if arg.algo == "ei":
         # EI keeps only the verified-correct responses: ~1 minibatch per rollout at the SFT
         # policy's ~25% sampled accuracy, more as it improves. Measured at lr 1e-4: 38 updates
         # sampled 22 rollouts, 70 sampled 36, so 1.6 per rollout keeps the others' budget.
-        minibatches = 1.6
-    c.num_steps = round(rollouts * r.epochs * minibatches)
+        updates_per_rollout = 1.6
+    c.num_steps = round(rollouts * updates_per_rollout)
     return c
