@@ -2,11 +2,13 @@
 
 Steps, one per column from the right, then the assembled result:
 
-    1+7+0=8, write 8, carry 0
-    2+3+0=5, write 5, carry 0
-    8+9+0=17, write 7, carry 1
-    4+0+1=5, write 5, carry 0
+    1+7+0=8
+    2+3+0=5
+    8+9+0=17
+    4+0+1=5
     4821+937=5758
+
+Each sum's last digit is written and its tens digit carried into the next line.
 
 Knobs: `digits`, the digit count of each operand (an int, or a (min, max) range drawn
 independently for each operand).
@@ -45,7 +47,7 @@ class Addition(TraceTask):
     """Multi-digit addition, one column per step."""
 
     name = "addition"
-    summary = "Add each column from the right with the carry, then read off the written digits."
+    summary = "Add the columns with carries."
     defaults = {"digits": (1, 4)}
 
     def draw_meta(self, rng: np.random.Generator, *, digits: Any, split: str) -> dict:
@@ -70,12 +72,12 @@ class Addition(TraceTask):
         return f"What is {meta['a']} + {meta['b']}?"
 
     def headline(self, meta: Mapping[str, Any]) -> str:
-        """`How to add A and B column by column`."""
-        return f"How to add {meta['a']} and {meta['b']} column by column"
+        """`How to add A and B`."""
+        return f"How to add {meta['a']} and {meta['b']}"
 
     def response(self, meta: Mapping[str, Any], trace: Trace) -> str:
         """One sentence with the sum, then the answer line."""
-        sentence = f"Adding column by column, {meta['a']} + {meta['b']} = {trace.answer}."
+        sentence = f"{meta['a']} + {meta['b']} = {trace.answer}."
         return respond(sentence, trace.answer)
 
     def accepts(self, meta: Mapping[str, Any], value: str) -> bool:

@@ -1,8 +1,10 @@
 """Column-by-column addition with carries, one step per column; used by + and *.
 
-A column step reads `x+y+c=s, write d, carry k`: both digits, the carry coming in, their
-sum, the digit written and the carry going out. Each line depends only on two digits of
-the operands and on the carry at the end of the line above, which keeps the steps local.
+A column step reads `x+y+c=s`: both digits, the carry coming in and their sum. The sum's
+last digit is the digit written and its tens digit the carry going out, so each line
+depends only on two digits of the operands and on the sum at the end of the line above,
+which keeps the steps local. Spelling out `, write d, carry k` as well doubled a column's
+tokens and taught nothing a small model did not read off the sum.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ def assemble(written: list[int], carry: int) -> int:
 
 
 def column_mistakes(x: int, y: int, carry_in: int) -> list[Mistake]:
-    """Realistic slips in one column: a wrong sum, a dropped or forgotten carry, a misread digit."""
+    """Realistic slips in one column: a wrong sum, a dropped carry, a misread digit.
+
+    A carry forgotten on the way out would leave this line unchanged and show only in the
+    next one, which reads as a carry dropped there: that is the slip the next column admits.
+    """
     total = x + y + carry_in
     options: list[Mistake] = [("sum", slip) for slip in SLIPS if total + slip >= 0]
     if carry_in:
         options.append(("carry_dropped",))
-    if total >= 10:
-        options.append(("carry_forgot",))
     for which, digit in (("misread_top", x), ("misread_bottom", y)):
         options += [(which, new) for new in (digit - 1, digit + 1) if 0 <= new <= 9]
     return options
@@ -52,7 +56,7 @@ def add_columns(builder: TraceBuilder, top: int, bottom: int) -> int:
         elif mistake[0] == "carry_dropped":
             carry_in = 0
         total = x + y + carry_in + (mistake[1] if mistake[0] == "sum" else 0)
-        carry = 0 if mistake[0] == "carry_forgot" else total // 10
-        builder.add(f"{x}+{y}+{carry_in}={total}, write {total % 10}, carry {carry}", options)
+        carry = total // 10
+        builder.add(f"{x}+{y}+{carry_in}={total}", options)
         written.append(total % 10)
     return assemble(written, carry)

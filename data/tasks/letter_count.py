@@ -1,7 +1,11 @@
 """`letter_count`: `How many times does the letter "r" appear in "strawberry"?`.
 
-The word is spelled one letter per step with a running count of the asked letter
-(`s 0`, `t 0`, `r 1`, ...); the last count is the answer.
+The word is spelled one letter per step, each compared with the asked letter, with a
+running count (`s≠r 0`, `t≠r 0`, `r=r 1`, ...); the last count is the answer. Writing the
+asked letter on every line keeps the comparison local: with bare `s 0`, `t 0`, `r 1` lines
+a small model had to look the letter up in the prompt at every step, and after the same
+training it had learned to spell but never counted past 0 (21% of held-out words right,
+all of them answers of 0; 82% with the comparison written out).
 
 Words come from the `english-words` package (web2 list, lower case, letters only). Each
 word belongs to one split by a stable hash of its spelling: about 10% to "test", 5% to
@@ -58,7 +62,7 @@ class LetterCount(TraceTask):
     """Counting one letter in an English word, letter by letter."""
 
     name = "letter_count"
-    summary = "Spell the word one letter per line, keeping a running count of the letter."
+    summary = "Compare each letter, keeping a running count."
     defaults = {"length": (3, 12), "present_prob": 0.75}
 
     def draw_meta(
@@ -82,7 +86,7 @@ class LetterCount(TraceTask):
         return {"word": word, "letter": letter}
 
     def trace(self, meta: Mapping[str, Any], fault: Fault | None = None) -> Trace:
-        """One `<letter> <count>` step per letter of the word."""
+        """One `<letter>=<asked> <count>` (or `≠`) step per letter of the word."""
         word, letter = meta["word"], meta["letter"]
         builder = TraceBuilder(fault)
         count = 0
@@ -95,7 +99,7 @@ class LetterCount(TraceTask):
             if mistake[0] == "miscount":
                 matches = not matches
             count += matches
-            builder.add(f"{seen} {count}", options)
+            builder.add(f"{seen}{'=' if matches else '≠'}{letter} {count}", options)
         return finish(builder, str(count))
 
     def prompt(self, meta: Mapping[str, Any]) -> str:
@@ -103,15 +107,17 @@ class LetterCount(TraceTask):
         return f'How many times does the letter "{meta["letter"]}" appear in "{meta["word"]}"?'
 
     def headline(self, meta: Mapping[str, Any]) -> str:
-        """`How to count the letter r in strawberry`."""
-        return f"How to count the letter {meta['letter']} in {meta['word']}"
+        """`How to count the letter r`: the steps spell the word, the prompt holds it."""
+        return f"How to count the letter {meta['letter']}"
 
     def response(self, meta: Mapping[str, Any], trace: Trace) -> str:
-        """One sentence with the count, then the answer line."""
+        """One sentence with the count, then the answer line.
+
+        Neither this nor the headline spells the word again: copying a word of up to 12
+        letters is the hard part for a small model, and the steps already do it once.
+        """
         times = "time" if trace.answer == "1" else "times"
-        sentence = (
-            f'The letter "{meta["letter"]}" appears {trace.answer} {times} in "{meta["word"]}".'
-        )
+        sentence = f'The letter "{meta["letter"]}" appears {trace.answer} {times}.'
         return respond(sentence, trace.answer)
 
     def accepts(self, meta: Mapping[str, Any], value: str) -> bool:

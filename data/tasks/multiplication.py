@@ -4,20 +4,25 @@ For each digit of B from the right: one step per digit of A with its carry, then
 partial product, shifted. Each new partial product is added to the running total right
 away, column by column, so the numbers a step needs are always a few lines above it:
 
-    2*7+0=14, write 4, carry 1
-    8*7+1=57, write 7, carry 5
-    4*7+5=33, write 3, carry 3
+    2*7+0=14+0=14
+    8*7+1=56+1=57
+    4*7+5=28+5=33
     482*7=3374
-    2*3+0=6, write 6, carry 0
-    8*3+0=24, write 4, carry 2
-    4*3+2=14, write 4, carry 1
+    2*3+0=6+0=6
+    8*3+0=24+0=24
+    4*3+2=12+2=14
     482*30=14460
-    4+0+0=4, write 4, carry 0
+    4+0+0=4
     ...
     3374+14460=17834
 
 Per-digit steps with explicit carries were learned about 5x faster by a small model than
-one-line partial products (NOTES.md, "Step formats"). Knobs: `digits_a`, `digits_b`.
+one-line partial products (NOTES.md, "Step formats"). A step's last digit is the digit
+written and the rest the carry into the next step, as in the column sums of `columns.py`.
+The product and the carry are added in a second equality, so the model memorizes the 100
+single-digit products rather than 900 (product, carry) sums: writing `8*7+1=57` in one go,
+it still got one step in eight wrong after this recipe's SFT, carry 0 or not.
+Knobs: `digits_a`, `digits_b`.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from data.tasks.common import (
 )
 
 PRODUCT_SLIPS = (-10, -2, -1, 1, 2, 10)  # times-table slips, including a misplaced ten
+ADD_SLIPS = (-1, 1)  # adding the carry to the product
 
 
 def multiply_row(builder: TraceBuilder, a: int, digit: int) -> int:
@@ -52,18 +58,16 @@ def multiply_row(builder: TraceBuilder, a: int, digit: int) -> int:
     carry, written = 0, []
     for x in digits_of(a):
         carry_in = carry
-        product = x * digit + carry_in
-        options: list[Mistake] = [("prod", s) for s in PRODUCT_SLIPS if product + s >= 0]
-        options += [("carry_dropped",)] if carry_in else []
-        options += [("carry_forgot",)] if product >= 10 else []
+        options: list[Mistake] = [("prod", s) for s in PRODUCT_SLIPS if x * digit + s >= 0]
+        if carry_in:  # a forgotten carry reads as the next step dropping it
+            options += [("carry_dropped",)] + [("add", s) for s in ADD_SLIPS]
         mistake = builder.mistake() or ("none",)
         if mistake[0] == "carry_dropped":
             carry_in = 0
-        product = x * digit + carry_in + (mistake[1] if mistake[0] == "prod" else 0)
-        carry = 0 if mistake[0] == "carry_forgot" else product // 10
-        builder.add(
-            f"{x}*{digit}+{carry_in}={product}, write {product % 10}, carry {carry}", options
-        )
+        times = x * digit + (mistake[1] if mistake[0] == "prod" else 0)
+        product = times + carry_in + (mistake[1] if mistake[0] == "add" else 0)
+        carry = product // 10
+        builder.add(f"{x}*{digit}+{carry_in}={times}+{carry_in}={product}", options)
         written.append(product % 10)
     return assemble(written, carry)
 
@@ -82,7 +86,7 @@ class Multiplication(TraceTask):
     """Long multiplication: per-digit products with carries, partial products summed."""
 
     name = "multiplication"
-    summary = "Multiply A by each digit of B with carries, shift, and add the partial products."
+    summary = "Multiply digit by digit, then add the rows."
     defaults = {"digits_a": 3, "digits_b": 2}
 
     def draw_meta(
@@ -121,12 +125,12 @@ class Multiplication(TraceTask):
         return f"What is {meta['a']} * {meta['b']}?"
 
     def headline(self, meta: Mapping[str, Any]) -> str:
-        """`How to multiply A by B digit by digit`."""
-        return f"How to multiply {meta['a']} by {meta['b']} digit by digit"
+        """`How to multiply A by B`."""
+        return f"How to multiply {meta['a']} by {meta['b']}"
 
     def response(self, meta: Mapping[str, Any], trace: Trace) -> str:
         """One sentence with the product, then the answer line."""
-        sentence = f"Multiplying digit by digit, {meta['a']} * {meta['b']} = {trace.answer}."
+        sentence = f"{meta['a']} * {meta['b']} = {trace.answer}."
         return respond(sentence, trace.answer)
 
     def accepts(self, meta: Mapping[str, Any], value: str) -> bool:

@@ -78,13 +78,13 @@ def test_registry_lists_every_family():
 def test_canonical_prompts():
     addition = ADDITION.build({"a": 4821, "b": 937})
     assert addition.prompt == "What is 4821 + 937?"
-    assert addition.headline == "How to add 4821 and 937 column by column"
+    assert addition.headline == "How to add 4821 and 937"
     assert addition.answer == "5758"
     assert MULTIPLICATION.build({"a": 482, "b": 37}).prompt == "What is 482 * 37?"
     letters = LETTER_COUNT.build({"word": "strawberry", "letter": "r"})
     assert letters.prompt == 'How many times does the letter "r" appear in "strawberry"?'
     assert letters.answer == "3"
-    assert letters.steps[:3] == ("s 0", "t 0", "r 1")
+    assert letters.steps[:3] == ("s≠r 0", "t≠r 0", "r=r 1")
     sort = SORTING.build({"values": [42, 7, 19, 3]})
     assert sort.prompt == "Sort these numbers from smallest to largest: 42, 7, 19, 3."
     assert sort.answer == "3, 7, 19, 42"
@@ -102,17 +102,17 @@ def test_canonical_prompts():
 
 def test_worked_traces_read_as_documented():
     assert ADDITION.build({"a": 4821, "b": 937}).steps == (
-        "1+7+0=8, write 8, carry 0",
-        "2+3+0=5, write 5, carry 0",
-        "8+9+0=17, write 7, carry 1",
-        "4+0+1=5, write 5, carry 0",
+        "1+7+0=8",
+        "2+3+0=5",
+        "8+9+0=17",
+        "4+0+1=5",
         "4821+937=5758",
     )
     steps = MULTIPLICATION.build({"a": 482, "b": 37}).steps
     assert steps[:4] == (
-        "2*7+0=14, write 4, carry 1",
-        "8*7+1=57, write 7, carry 5",
-        "4*7+5=33, write 3, carry 3",
+        "2*7+0=14+0=14",
+        "8*7+1=56+1=57",
+        "4*7+5=28+5=33",
         "482*7=3374",
     )
     assert steps[7] == "482*30=14460" and steps[-1] == "3374+14460=17834"
@@ -270,18 +270,18 @@ def test_check_steps_handles_short_long_spaced_and_garbage_traces(name):
 
 # --- traces are self-consistent -----------------------------------------------------------
 
-COLUMN = re.compile(r"(\d)\+(\d)\+(\d)=(\d+), write (\d), carry (\d)")
-DIGIT = re.compile(r"(\d)\*(\d)\+(\d+)=(\d+), write (\d), carry (\d+)")
+COLUMN = re.compile(r"(\d)\+(\d)\+(\d)=(\d+)")
+DIGIT = re.compile(r"(\d)\*(\d)\+(\d+)=(\d+)\+(\d+)=(\d+)")
 
 
 def check_column_chain(lines: list[str], start: int) -> None:
-    """Every column line after `start` adds up and writes/carries consistently."""
+    """Every column line after `start` adds up and carries the tens of the line above."""
     for index, line in enumerate(lines):
-        x, y, c, s, w, k = map(int, COLUMN.fullmatch(line).groups())
+        x, y, c, s = map(int, COLUMN.fullmatch(line).groups())
         if index >= start:
-            assert x + y + c == s and w == s % 10 and k == s // 10
+            assert x + y + c == s
             if index > 0:
-                assert c == int(COLUMN.fullmatch(lines[index - 1]).group(6))
+                assert c == int(COLUMN.fullmatch(lines[index - 1]).group(4)) // 10
 
 
 def test_addition_traces_recompute():
@@ -296,9 +296,9 @@ def test_addition_traces_recompute():
         for step in range(len(columns)):  # after the error, the arithmetic is right again
             bad = ADDITION.corrupt(problem, step, np.random.default_rng(seed))
             check_column_chain(list(bad.steps[:-1]), step + 1)
-            written = [COLUMN.fullmatch(line).groups() for line in bad.steps[:-1]]
-            value = sum(int(g[4]) * 10**i for i, g in enumerate(written))
-            assert int(bad.answer) == value + int(written[-1][5]) * 10 ** len(written)
+            sums = [int(COLUMN.fullmatch(line).group(4)) for line in bad.steps[:-1]]
+            value = sum(total % 10 * 10**i for i, total in enumerate(sums))
+            assert int(bad.answer) == value + sums[-1] // 10 * 10 ** len(sums)
 
 
 def test_multiplication_traces_recompute():
@@ -310,20 +310,29 @@ def test_multiplication_traces_recompute():
         rows = [line for line in problem.steps if DIGIT.fullmatch(line)]
         assert len(rows) == len(str(a)) * len(str(problem.meta["b"]))
         for line in rows:
-            x, d, c, p, w, k = map(int, DIGIT.fullmatch(line).groups())
-            assert x * d + c == p and w == p % 10 and k == p // 10
+            x, d, c, t, c_again, p = map(int, DIGIT.fullmatch(line).groups())
+            assert x * d == t and c_again == c and t + c == p
+        above = None  # each step carries the tens of the step above; a row starts at 0
         for line in problem.steps:
-            if "=" in line and "," not in line:  # partial products and running sums
-                lhs, rhs = line.split("=")
-                assert eval(lhs) == int(rhs)
+            match = DIGIT.fullmatch(line) or COLUMN.fullmatch(line)
+            if match:
+                assert int(match.group(3)) == (int(above.groups()[-1]) // 10 if above else 0)
+            above = match
+        for line in problem.steps:
+            if "=" in line:  # every step, partial products and running sums included
+                *lhs, rhs = line.split("=")
+                assert all(eval(expression) == int(rhs) for expression in lhs)
         assert int(problem.answer) == a * problem.meta["b"]
 
 
 def test_letter_count_trace_spells_word_and_counts():
     for problem in problems("letter_count"):
         word, letter = problem.meta["word"], problem.meta["letter"]
-        assert "".join(step.split()[0] for step in problem.steps) == word
-        counts = [int(step.split()[1]) for step in problem.steps]
+        lines = [re.fullmatch(r"([a-z])([=≠])([a-z]) (\d+)", step) for step in problem.steps]
+        assert "".join(line.group(1) for line in lines) == word
+        assert all(line.group(3) == letter for line in lines)
+        assert [line.group(2) == "=" for line in lines] == [char == letter for char in word]
+        counts = [int(line.group(4)) for line in lines]
         assert counts == [word[: i + 1].count(letter) for i in range(len(word))]
 
 
