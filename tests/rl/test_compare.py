@@ -58,8 +58,8 @@ def test_a_larger_count_tops_up_with_fresh_unseen_problems_of_the_mix(prepared):
     seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
     assert not seen & set(prompts)
     ((task, entry),) = config.data.tasks.items()
-    digits = entry["knobs"]["digits"]
-    assert all(p.task == task and len(str(p.meta["a"])) == digits for p in level)
+    low, high = entry["knobs"]["length"]  # rl.py trains on letter counting
+    assert all(p.task == task and low <= len(p.meta["word"]) <= high for p in level)
     # The same count draws the same problems (every run of a comparison scores the same ones).
     again = levels_for(prepared, 12, split="test", num_problems=0)[compare.TRAIN_LEVEL]
     assert [p.prompt for p in again] == [p.prompt for p in level]
@@ -72,9 +72,10 @@ def test_harder_problems_are_harder_and_unseen_in_training(prepared):
     seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
     harder = levels[compare.HARDER_LEVEL]
     assert not seen & {canonical_prompt(p.prompt) for p in harder}
-    digits = config.rl.compare.harder_knobs["digits"]
+    low, _ = config.rl.compare.harder_knobs["length"]
+    assert low > config.data.tasks[config.rl.compare.harder_task]["knobs"]["length"][1]
     assert all(p.task == config.rl.compare.harder_task for p in harder)
-    assert all(len(str(p.answer)) >= digits for p in harder)
+    assert all(len(p.meta["word"]) >= low for p in harder)
 
 
 def test_an_empty_split_is_a_clear_error(prepared, monkeypatch):
@@ -102,7 +103,7 @@ def test_runs_compared_together_must_share_the_sft_policy_and_eval_set(prepared)
     more.rl.compare.num_problems, more.rl.compare.table = 512, False  # the table's own settings
     compare._same_start([_run(config), _run(more)])
     harder = config.copy_and_resolve_references()
-    harder.rl.compare.harder_knobs = {"digits": 9}
+    harder.rl.compare.harder_knobs = {"length": (17, 18)}
     with pytest.raises(ValueError, match="rl.compare"):
         compare._same_start([_run(config), _run(harder)])
 
@@ -120,12 +121,14 @@ def test_pass_at_n_samples_only_the_first_sample_problems(prepared, monkeypatch)
         return [[types.SimpleNamespace(text=q)] * num_samples for q in questions]
 
     monkeypatch.setattr(compare, "generate", fake_generate)
-    # "Correct" when the question's first operand is even: a known answer per problem.
-    monkeypatch.setattr(compare, "verify_response", lambda p, text: float(p.meta["a"] % 2 == 0))
+    # "Correct" when the question's word has an even length: a known answer per problem.
+    monkeypatch.setattr(
+        compare, "verify_response", lambda p, text: float(len(p.meta["word"]) % 2 == 0)
+    )
     scores = compare.policy_scores(None, None, None, problems, config)
     assert [(greedy, len(qs)) for greedy, qs in calls] == [(True, 10), (False, 3)]
     assert calls[1][1] == [p.prompt for p in problems[:3]]
-    even = [float(p.meta["a"] % 2 == 0) for p in problems]
+    even = [float(len(p.meta["word"]) % 2 == 0) for p in problems]
     assert scores["greedy"] == pytest.approx(np.mean(even))
     assert scores["pass@1"] == pytest.approx(np.mean(even[:3]))
     assert scores["pass@2"] == pytest.approx(np.mean(even[:3]))
