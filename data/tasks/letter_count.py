@@ -3,9 +3,9 @@
 The word is spelled one letter per step, each compared with the asked letter, with a
 running count (`s≠r 0`, `t≠r 0`, `r=r 1`, ...); the last count is the answer. Writing the
 asked letter on every line keeps the comparison local: with bare `s 0`, `t 0`, `r 1` lines
-a small model had to look the letter up in the prompt at every step, and after the same
-training it had learned to spell but never counted past 0 (21% of held-out words right,
-all of them answers of 0; 82% with the comparison written out).
+a small model had to look the letter up in the prompt at every step, and after a
+letter-count-only SFT of 120 steps it had learned to spell but never counted past 0 (21% of
+held-out words right, all of them answers of 0; 82% with the comparison written out).
 
 Words come from the `english-words` package (web2 list, lower case, letters only). Each
 word belongs to one split by a stable hash of its spelling: about 10% to "test", 5% to
