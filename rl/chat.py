@@ -1,6 +1,7 @@
 """Multi-turn chat with a trained run, thoughts of finished blocks redacted from later turns.
 
     python -m rl.chat --workdir=DIR [--keep_thoughts] [--show_thoughts] [--raw]
+    (--keep-thoughts and --show-thoughts work too)
     echo -e "What is 482 + 37?\\nNow add 17 to that." | python -m rl.chat --workdir=DIR
 
 Each line of stdin is one user turn; EOF ends the chat. Every reply streams from the sampler
@@ -236,6 +237,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A train.main workdir.", required=True)
     flags.DEFINE_bool("raw", False, "Print the raw response text instead of the display.")
     flags.DEFINE_bool("show_thoughts", False, "Print every thought step too.")
+    flags.DEFINE_alias("show-thoughts", "show_thoughts")  # the spelling the docs use too
     flags.DEFINE_integer("max_new_tokens", 384, "Tokens to generate at most per reply.")
     flags.DEFINE_integer("chunk_size", 16, "Tokens per streamed chunk.")
     flags.DEFINE_float("temperature", 0.0, "0 decodes greedily.")
@@ -293,4 +295,5 @@ if __name__ == "__main__":
     # Flags are defined here, not at import, because rl.sample imports this module.
     define_flags()
     flags.DEFINE_bool("keep_thoughts", False, "Keep thoughts of finished turns in the context.")
+    flags.DEFINE_alias("keep-thoughts", "keep_thoughts")
     app.run(main)

@@ -25,6 +25,7 @@ from rl import chat
 from tests.conftest import REPO, run_cli
 
 STATS_RE = re.compile(r"\[context: (\d+) tokens; redaction saved (\d+) tokens\]")
+KEPT_STATS_RE = re.compile(r"\[context: (\d+) tokens; redaction off, it would save (\d+)\]")
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +98,11 @@ def test_bad_options_say_what_to_fix(options, message):
         chat.ReplyOptions(**options)
 
 
-def test_tiny_chat_reads_turns_from_stdin(tiny_run):
+@pytest.mark.parametrize("keep", [False, True])
+def test_tiny_chat_reads_turns_from_stdin(tiny_run, keep):
+    extra = ["--keep-thoughts"] if keep else []  # the hyphenated alias of --keep_thoughts
     proc = subprocess.run(
-        [sys.executable, "-m", "rl.chat", f"--workdir={tiny_run}", "--max_new_tokens=8"],
+        [sys.executable, "-m", "rl.chat", f"--workdir={tiny_run}", "--max_new_tokens=8", *extra],
         input="What is 4821 + 937?\n\nNow add 17 to that.\n",
         cwd=REPO,
         env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
@@ -110,7 +113,8 @@ def test_tiny_chat_reads_turns_from_stdin(tiny_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.count("you> ") == 2 and "you> Now add 17 to that." in out
-    contexts = [int(m.group(1)) for m in STATS_RE.finditer(out)]
+    stats_re = KEPT_STATS_RE if keep else STATS_RE
+    contexts = [int(m.group(1)) for m in stats_re.finditer(out)]
     assert len(contexts) == 2 and 0 < contexts[0] < contexts[1]
 
 
@@ -123,6 +127,7 @@ def test_sample_prompt_reranks_and_displays(tiny_run):
         "--samples=2",
         "--temperature=1.0",
         "--rerank=vote",
+        "--show-thoughts",  # the hyphenated alias of --show_thoughts
         timeout=300,
     )
     lines = proc.stdout.splitlines()
