@@ -71,17 +71,30 @@ def fresh_problems(
     return unseen[:num]
 
 
-def load_problems(policy_workdir: str, config, *, split, num, tasks, knobs, seed) -> list[Problem]:
-    """Held-out problems: the policy data's `split`, or fresh ones unseen in its train split."""
+def load_problems(
+    policy_workdir: str, config, *, split, num, tasks, knobs, seed, data_from=None
+) -> list[Problem]:
+    """Held-out problems the policy never trained on: fresh ones of `tasks`/`knobs`, or else
+    the `split` of the data of `data_from` (a (workdir, config) pair; default the policy's)."""
     from data.build import prepare
 
     prepared = prepare(config.data, policy_workdir, verbose=False)
+    train = load_split(prepared.builder, "train")
+    seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
     if tasks or knobs:
-        train = load_split(prepared.builder, "train")
-        seen = {canonical_prompt(train[i]["prompt"]) for i in range(len(train))}
         return fresh_problems(tasks, knobs, num, seed, split, seen)
-    source = load_split(prepared.builder, split)
-    return [record_to_problem(source[i]) for i in range(min(num, len(source)))]
+    builder = prepared.builder
+    if data_from is not None:
+        workdir, other = data_from
+        builder = prepare(other.data, workdir, verbose=False).builder
+    source = load_split(builder, split)
+    problems = [record_to_problem(source[i]) for i in range(len(source))]
+    unseen = [p for p in problems if canonical_prompt(p.prompt) not in seen]
+    if len(unseen) < len(problems):
+        logging.warning(
+            "dropped %d problems of the policy's train split", len(problems) - len(unseen)
+        )
+    return unseen[:num]
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -291,7 +304,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_problems", 64, "Held-out problems.")
     flags.DEFINE_integer("max_n", 64, "Samples per problem; curves run to it.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
-    flags.DEFINE_string("split", "test", "Split of the policy's data, or of fresh problems.")
+    flags.DEFINE_string(
+        "data_from",
+        None,
+        "Workdir whose data's --split holds the problems (default: --prm, else --orm, else "
+        "--policy: the reward models' task and difficulty).",
+    )
+    flags.DEFINE_string("split", "test", "Split of --data_from's data, or of fresh problems.")
     flags.DEFINE_list("tasks", [], "Generate fresh problems of these tasks (equal weights).")
     flags.DEFINE_string("knobs", "", 'JSON {task: {knob: value}}, e.g. {"addition": {...}}.')
     flags.DEFINE_integer("seed", 0, "Seed of problems, sampling and subsets.")
@@ -310,7 +329,7 @@ def define_flags() -> None:
 def main(argv):
     """Runs the experiment from flags and writes its files."""
     del argv
-    from train.workdir import load_run
+    from train.workdir import load_run, read_config
 
     args = flags.FLAGS
     if args.temperature <= 0:
@@ -321,9 +340,11 @@ def main(argv):
     run = load_run(args.policy, step=args.policy_step)
     orm = _load_reward_model(args.orm, "orm", run.tokenizer)
     prm = _load_reward_model(args.prm, "prm", run.tokenizer)
+    data_from = args.data_from or args.prm or args.orm or args.policy
     problems = load_problems(
         args.policy,
         run.config,
+        data_from=(data_from, read_config(data_from)),
         split=args.split,
         num=args.num_problems,
         tasks=args.tasks,
@@ -363,6 +384,7 @@ def main(argv):
     result = {
         "config": {
             **settings,
+            "data_from": data_from,
             "policy_step": run.step,
             "max_new_tokens": max_new,
             "tasks": sorted({p.task for p in problems}),
@@ -390,6 +412,7 @@ _RECORDED_FLAGS = (
     "num_problems",
     "max_n",
     "temperature",
+    "data_from",
     "split",
     "knobs",
     "seed",

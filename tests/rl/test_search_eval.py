@@ -1,10 +1,12 @@
 """rl.search_eval: problem choice, the table and plot, and one tiny end-to-end run of the CLI."""
 
+import functools
 import json
 import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -149,3 +151,27 @@ def test_cli_end_to_end_on_a_tiny_run(tiny_run, tmp_path):
     with open(os.path.join(out, search_eval.PLOT_FILE), "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
     assert "majority_vote" in proc.stdout and "beam W=2" in proc.stdout
+
+
+def test_problems_come_from_the_reward_models_data_and_never_from_policy_training(
+    tiny_run, tmp_path
+):
+    from train.workdir import read_config
+
+    config = read_config(tiny_run)
+    load = functools.partial(
+        search_eval.load_problems, tiny_run, config, tasks=[], knobs={}, seed=0
+    )
+    # The policy's own train split: every prompt was trained on, so none is held out.
+    assert load(split="train", num=8) == []
+    test = load(split="test", num=3)
+    assert len(test) == 3 and len({p.task for p in test}) > 1  # the tiny mix
+
+    other = str(tmp_path / "letters")
+    os.makedirs(other)
+    shutil.copy(os.path.join(tiny_run, "tokenizer.model"), other)  # as init_from copies it
+    letters = ml_collections.ConfigDict(config.to_dict())
+    letters.data.tasks = {"letter_count": {"weight": 1.0, "knobs": {"length": [3, 5]}}}
+    chosen = load(split="test", num=3, data_from=(other, letters))
+    assert len(chosen) == 3 and {p.task for p in chosen} == {"letter_count"}
+    assert all(3 <= len(p.meta["word"]) <= 5 for p in chosen)
