@@ -67,8 +67,9 @@ def get_config(arg: str | None = None):
         }
     )
 
+    # ~3 passes over the 3072 train records; 60 steps left the PRM at step AUC 0.68 (240: 0.73).
     c.num_steps = 240
-    c.batch_size = 16  # packed rows of data.seq_len tokens, ~2 responses each
+    c.batch_size = 16  # packed rows of data.seq_len tokens
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 10
     c.log_every = 20
