@@ -102,6 +102,7 @@ def make_tokenizer(data_config: Mapping[str, Any], builder: tfds.core.DatasetBui
         tokenizer_corpus(builder, data_config["tokenizer_corpus_size"]),
         vocab_size=data_config["vocab_size"],
         model_type=data_config["tokenizer_model_type"],
+        spell_words=data_config["tokenizer_spell_words"],
     )
 
 

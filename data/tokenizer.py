@@ -42,6 +42,7 @@ _USER_SYMBOL_RE = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
 # A run of letters, digits or other characters with its optional leading space; or spaces.
 _WORD_RE = re.compile(r" ?(?:[^\W\d_]+|\d+|[^\w ]+|_+)| +(?= )| +$")
 _USER_DEFINED = sp_pb.ModelProto.SentencePiece.USER_DEFINED
+_NORMAL = sp_pb.ModelProto.SentencePiece.NORMAL
 
 
 class Tokenizer:
@@ -145,12 +146,15 @@ def train_tokenizer(
     model_type: str = "unigram",
     *,
     max_words: int = 2_000_000,
+    spell_words: bool = False,
 ) -> Tokenizer:
     """Trains an exact tokenizer in memory; deterministic for the same texts and arguments.
 
     `vocab_size` is an upper bound: a small corpus may yield fewer pieces. The corpus reaches
     sentencepiece as words in a fixed pseudo-random order (see `training_words`); at most
     `max_words` of them, frequencies scaled down proportionally beyond that.
+    `spell_words` drops the pieces that join letters without a leading space (see
+    `drop_word_internal_pieces`), so the vocabulary shrinks and words are spelled out.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
@@ -190,7 +194,31 @@ def train_tokenizer(
             f"sentencepiece could not train a {model_type} model of {vocab_size} pieces "
             f"on {len(words)} words: {e}"
         ) from e
-    return Tokenizer.from_proto(writer.getvalue())
+    if not spell_words:
+        return Tokenizer.from_proto(writer.getvalue())
+    model = _parse_proto(writer.getvalue())
+    drop_word_internal_pieces(model)
+    return Tokenizer.from_proto(model.SerializeToString())
+
+
+def drop_word_internal_pieces(model: sp_pb.ModelProto) -> int:
+    """Removes the learned pieces of two or more letters without a leading "▁"; returns how many.
+
+    What is left joins letters only at the start of a word after a space (" many"), so a
+    word in quotes or after a newline tokenizes one letter per token: "strawberry" is ten
+    tokens, each one the letter a step of a letter-by-letter trace copies, instead of pieces
+    like "straw" + "berry" whose spelling a model must first learn. Ids above a dropped piece
+    move down; special, byte and single-character pieces all stay.
+    """
+    keep = [
+        p
+        for p in model.pieces
+        if not (p.type == _NORMAL and len(p.piece) > 1 and p.piece[0].isalpha())
+    ]
+    dropped = len(model.pieces) - len(keep)
+    del model.pieces[:]
+    model.pieces.extend(keep)
+    return dropped
 
 
 def training_words(texts: Iterable[str], max_words: int = 2_000_000) -> list[str]:

@@ -130,6 +130,22 @@ def test_unigram_learns_words_from_templated_text(tiny_tokenizer):
     assert len(tiny_tokenizer.pieces("How many times does the letter")) <= 8
 
 
+def test_spell_words_keeps_space_led_words_and_spells_the_rest(tiny_dialogues):
+    texts = [render_dialogue(d) for d in tiny_dialogues]
+    joined = train_tokenizer(texts, 400)
+    spelled = train_tokenizer(texts, 400, spell_words=True)
+    prompt = 'How many times does the letter "r" appear in "strawberry"?'
+    assert any(len(p) > 1 and p[0].isalpha() for p in joined.pieces(prompt + " assistant"))
+    # Only space-led pieces still join letters; a word in quotes is one letter per token.
+    assert spelled.pieces('"strawberry"') == ['"', *"strawberry", '"']
+    assert all(len(p) == 1 or not p[0].isalpha() for p in spelled.pieces(prompt))
+    assert "▁many" in spelled.pieces(prompt)
+    assert spelled.vocab_size < joined.vocab_size
+    for token in SPECIAL_TOKENS:
+        assert spelled.pieces(token) == [token]
+    assert all(spelled.decode(spelled.encode(t)) == t for t in texts + varied_texts(50))
+
+
 def test_bad_training_arguments_are_explained():
     with pytest.raises(ValueError, match="model_type"):
         train_tokenizer(["a b c"], 400, model_type="char")
