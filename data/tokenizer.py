@@ -201,8 +201,8 @@ def train_tokenizer(
     return Tokenizer.from_proto(model.SerializeToString())
 
 
-def drop_word_internal_pieces(model: sp_pb.ModelProto) -> int:
-    """Removes the learned pieces of two or more letters without a leading "▁"; returns how many.
+def drop_word_internal_pieces(model: sp_pb.ModelProto) -> None:
+    """Removes the learned pieces of two or more letters without a leading "▁" (in place).
 
     What is left joins letters only at the start of a word after a space (" many"), so a
     word in quotes or after a newline tokenizes one letter per token: "strawberry" is ten
@@ -215,10 +215,8 @@ def drop_word_internal_pieces(model: sp_pb.ModelProto) -> int:
         for p in model.pieces
         if not (p.type == _NORMAL and len(p.piece) > 1 and p.piece[0].isalpha())
     ]
-    dropped = len(model.pieces) - len(keep)
     del model.pieces[:]
     model.pieces.extend(keep)
-    return dropped
 
 
 def training_words(texts: Iterable[str], max_words: int = 2_000_000) -> list[str]:
