@@ -181,6 +181,39 @@ def attend(q_BxLxKxGxDh: Array, k_BxKxSxDh: Array, v_BxKxSxDh: Array, mask_BxLxS
     return jnp.einsum("bkgls,bksd->blkgd", probs_BxKxGxLxS, v_BxKxSxDh)
 
 
+# Causal attention without a cache splits the queries into up to this many row blocks, and
+# block i reads only the keys up to its own last position: the blocks above the diagonal are
+# all masked, so 4 blocks compute 10/16 of the [L, L] scores. With XLA's einsum the scores
+# are materialized in float32, and on a CPU writing and re-reading them is what attention
+# costs: at 16 x 384 tokens, 6 heads, fwd+bwd per layer went from 271 to 128 ms (2-core CPU).
+CAUSAL_BLOCKS = 4
+MIN_CAUSAL_BLOCK = 32  # shorter rows are not split: a block's einsums cost more than it saves
+
+
+def attend_causal(
+    q_BxLxKxGxDh: Array, k_BxKxLxDh: Array, v_BxKxLxDh: Array, mask_BxLxL: Array
+) -> Array:
+    """`attend` for queries and keys at the same L positions, under a mask that is causal.
+
+    The same values as `attend` up to float rounding (each softmax sums only keys it may read).
+    """
+    L = q_BxLxKxGxDh.shape[1]
+    num_blocks = max(1, min(CAUSAL_BLOCKS, L // MIN_CAUSAL_BLOCK))
+    ends = [round(L * (i + 1) / num_blocks) for i in range(num_blocks)]
+    outs, start = [], 0
+    for end in ends:
+        outs.append(
+            attend(
+                q_BxLxKxGxDh[:, start:end],
+                k_BxKxLxDh[:, :, :end],
+                v_BxKxLxDh[:, :, :end],
+                mask_BxLxL[:, start:end, :end],
+            )
+        )
+        start = end
+    return jnp.concatenate(outs, axis=1)
+
+
 def attend_fused(
     q_BxLxHxDh: Array,
     k_BxSxKxDh: Array,
@@ -262,7 +295,8 @@ class Attention(nn.Module):
             )
             return o(out_BxLxHxDh), None
         if kv is None:
-            k_BxKxSxDh, v_BxKxSxDh = (jnp.swapaxes(a, 1, 2) for a in (k_BxLxKxDh, v_BxLxKxDh))
+            k_BxKxLxDh, v_BxKxLxDh = (jnp.swapaxes(a, 1, 2) for a in (k_BxLxKxDh, v_BxLxKxDh))
+            out_BxLxKxGxDh = attend_causal(q_BxLxKxGxDh, k_BxKxLxDh, v_BxKxLxDh, mask_BxLxS)
         else:
             # With a cache, a row's first position is its write slot. The whole stack is
             # updated in place and carried from layer to layer, so a decode step no longer
@@ -275,7 +309,7 @@ class Attention(nn.Module):
             k_BxKxSxDh, v_BxKxSxDh = (
                 jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False) for cache in kv
             )
-        out_BxLxKxGxDh = attend(q_BxLxKxGxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
+            out_BxLxKxGxDh = attend(q_BxLxKxGxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
         out_BxLxKxGxDh = with_logical_constraint(out_BxLxKxGxDh, _GROUPED_Q)
         return o(out_BxLxKxGxDh.reshape(B, L, H, Dh)), kv
 

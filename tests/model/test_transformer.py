@@ -83,6 +83,32 @@ def test_packed_segments_equal_separate_runs(tiny_cfg, tiny_params):
     np.testing.assert_allclose(packed[:, 5:12], _logits(tiny_cfg, tiny_params, b), atol=1e-5)
 
 
+@pytest.mark.parametrize("L", [70, 130])  # 2 blocks of 35; 4 uneven blocks of 32-33
+def test_block_causal_attention_equals_full_attention(L):
+    """Skipping the key blocks above the diagonal changes no value or gradient."""
+    B, K, G, Dh = 2, 2, 3, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (B, L, K, G, Dh))
+    k, v = (jax.random.normal(key, (B, K, L, Dh)) for key in keys[1:])
+    # Row 0 packs three segments and right padding; row 1 holds one sequence.
+    bounds = np.linspace(0, L - 5, 4).astype(int)
+    segments_BxL = np.ones((B, L), np.int32)
+    segments_BxL[0] = np.searchsorted(bounds[1:], np.arange(L), side="right") + 1
+    segments_BxL[0, L - 5 :] = 0
+    causal_LxL = np.tril(np.ones((L, L), bool))
+    mask_BxLxL = jnp.asarray(causal_LxL & (segments_BxL[:, :, None] == segments_BxL[:, None, :]))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, mask_BxLxL)))
+
+    full = jax.value_and_grad(functools.partial(loss, transformer.attend), (0, 1, 2))(q, k, v)
+    blocks = jax.value_and_grad(functools.partial(loss, transformer.attend_causal), (0, 1, 2))(
+        q, k, v
+    )
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(blocks), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_segment_positions_restart_per_segment():
     segments = jnp.array([[1, 1, 1, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3]])
     expected = [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
