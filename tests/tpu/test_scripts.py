@@ -19,9 +19,10 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The TPU scripts and the GPU benchmark script.
+# The TPU scripts and the GPU benchmark scripts.
 SCRIPTS = sorted(
-    glob.glob(os.path.join(REPO, "tpu", "*.sh")) + [os.path.join(REPO, "bench", "gpu.sh")]
+    glob.glob(os.path.join(REPO, "tpu", "*.sh"))
+    + [os.path.join(REPO, "bench", name) for name in ("gpu.sh", "sft_sweep.sh")]
 )
 
 FAKE_GCLOUD = f"""#!{sys.executable}
