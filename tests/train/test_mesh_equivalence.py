@@ -172,8 +172,12 @@ def test_sharded_steps_equal_one_device(name, mesh_shape, request, prepared_runs
         for key, value in expected_m.items():  # the loss and all the objective's metrics
             message = f"{key} at step {step + 1}"
             np.testing.assert_allclose(got_m[key], value, rtol=1e-5, atol=1e-6, err_msg=message)
+    # Parameters get 2e-5 of absolute slack: Adam divides each update by the root of its own
+    # second moment, so an embedding row whose token barely occurs, with a gradient near
+    # zero, turns the different reduction orders of a sharded step into a ~1e-5 difference
+    # (GRPO on 1x2x4: 1 of 16384 embedding entries, after the block-causal attention).
     jax.tree.map(
-        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5),
         got.params,
         expected.params,
     )
