@@ -14,7 +14,8 @@ out=${2:?usage: bash bench/sft_sweep.sh RUNS_FILE OUT_DIR [PARALLEL]}
 parallel=${3:-8}
 mkdir -p "$out"
 # No process may take the whole device memory, and XLA's GEMM autotuning, run by a dozen
-# processes at once, took 5 minutes per compile on an H200.
+# processes at once (float32 dots at JAX_DEFAULT_MATMUL_PRECISION=highest), took 5 minutes per
+# compile on an H200.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=${XLA_FLAGS:---xla_gpu_autotune_level=0}
 
 run_one() {
