@@ -55,6 +55,7 @@ class Settings:
     """What to measure."""
 
     model: str
+    num_kv_heads: int  # 0: the preset's
     batch_sizes: tuple[int, ...]
     prompt_lens: tuple[int, ...]
     new_tokens: tuple[int, ...]
@@ -67,9 +68,10 @@ class Settings:
 def settings_from_flags() -> Settings:
     """The flags' settings, or the tiny ones under --quick."""
     if FLAGS.quick:
-        return Settings("tiny", (1, 4), (16,), (8,), 4, 2, 1 << 24, 256)
+        return Settings("tiny", 0, (1, 4), (16,), (8,), 4, 2, 1 << 24, 256)
     return Settings(
         FLAGS.model,
+        FLAGS.num_kv_heads,
         tuple(int(b) for b in FLAGS.batch_sizes),
         tuple(int(p) for p in FLAGS.prompt_lens),
         tuple(int(t) for t in FLAGS.new_tokens),
@@ -278,9 +280,17 @@ def run(settings: Settings) -> dict[str, Any]:
     """Measures every case; returns the results (cases, summary, bandwidth)."""
     longest = max(settings.prompt_lens) + max(settings.new_tokens)
     preset = get_preset(settings.model)
-    cfg = get_preset(settings.model, max_seq_len=max(preset.max_seq_len, longest))
+    cfg = get_preset(
+        settings.model,
+        max_seq_len=max(preset.max_seq_len, longest),
+        num_kv_heads=settings.num_kv_heads or preset.num_kv_heads,
+    )
     params = init_params(cfg, jax.random.PRNGKey(0))
-    print(f"model {settings.model}: {cfg.num_params() / 1e6:.2f}M params", flush=True)
+    print(
+        f"model {settings.model}: {cfg.num_params() / 1e6:.2f}M params, "
+        f"{cfg.num_kv_heads} kv heads",
+        flush=True,
+    )
     cases = []
     grid = itertools.product(settings.batch_sizes, settings.prompt_lens, settings.new_tokens)
     for batch, prompt, new in grid:
@@ -321,6 +331,9 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     common.define_common_flags()
     flags.DEFINE_string("model", "small", "Model preset (random init).")
+    flags.DEFINE_integer(
+        "num_kv_heads", 0, "KV heads (0: the preset's; the SFT config's small model has 6)."
+    )
     flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Rows decoded together.")
     flags.DEFINE_list("prompt_lens", ["32", "128"], "Prompt tokens per row (powers of two).")
     flags.DEFINE_list("new_tokens", ["64", "256"], "Tokens generated per row.")

@@ -32,7 +32,7 @@ _KV = ("batch", "length", "heads", "kv")
 _GROUPED_Q = ("batch", "length", "heads", None, "kv")
 # Heads before slots: a decode step's score and value dots then read each (row, kv head)'s
 # keys as one contiguous [S, Dh] matrix, which halved their time on CPU against [S, K, Dh].
-CACHE_AXES = ("layers", "batch", "heads", "length", "kv")
+CACHE_AXES = ("batch", "heads", "length", "kv")
 _HEAD_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -41,23 +41,45 @@ _HEAD_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer; slot s of row b holds the token at position s."""
+    """Keys and values of every layer; slot s of row b holds the token at position s.
 
-    k: Array  # [Y, B, K, S, Dh] in the compute dtype
-    v: Array  # [Y, B, K, S, Dh]
+    One array per layer rather than one [Y, ...] stack: a layer's attention then reads its
+    own buffer. Taking a layer out of a stack inside the decode loop copied it (XLA:CPU
+    materializes the dynamic slice for the dot): 41% of a decode step at batch 64 with 6 kv
+    heads and 288 slots on a 2-core CPU.
+    """
+
+    k: tuple[Array, ...]  # Y x [B, K, S, Dh] in the compute dtype
+    v: tuple[Array, ...]  # Y x [B, K, S, Dh]
     end_index: Array  # [B] int32: slots written so far, i.e. the next token's position
 
     @property
     def max_len(self) -> int:
         """S, the number of slots."""
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    def map_rows(self, fn) -> KVCache:
+        """The cache with `fn` applied to every array's batch axis (axis 0), e.g. a gather."""
+        return KVCache(
+            k=tuple(fn(k) for k in self.k),
+            v=tuple(fn(v) for v in self.v),
+            end_index=fn(self.end_index),
+        )
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache of `max_len` slots for `batch` rows."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    zeros_YxBxKxSxDh = with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
-    return KVCache(k=zeros_YxBxKxSxDh, v=zeros_YxBxKxSxDh, end_index=jnp.zeros((batch,), jnp.int32))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+
+    def zeros_BxKxSxDh():
+        return with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
+
+    layers = range(cfg.num_layers)
+    return KVCache(
+        k=tuple(zeros_BxKxSxDh() for _ in layers),
+        v=tuple(zeros_BxKxSxDh() for _ in layers),
+        end_index=jnp.zeros((batch,), jnp.int32),
+    )
 
 
 @flax.struct.dataclass
@@ -238,15 +260,15 @@ def attend_fused(
     )
 
 
-def _write_cache(cache_YxBxKxSxDh: Array, new_BxLxKxDh: Array, start_B: Array, layer) -> Array:
-    """Writes each row's L new entries of `layer` at the row's own slot offset, in place."""
+def _write_cache(cache_BxKxSxDh: Array, new_BxLxKxDh: Array, start_B: Array) -> Array:
+    """Writes each row's L new entries at the row's own slot offset, in place."""
     B, L = new_BxLxKxDh.shape[:2]
     rows_BxL = jnp.broadcast_to(jnp.arange(B)[:, None], (B, L))
     slots_BxL = start_B[:, None] + jnp.arange(L)[None, :]
-    # One scatter into the carried stack: (row, slot) pairs index axes 1 and 3, and NumPy
-    # indexing puts those index dims first, so the update is laid out [B, L, K, Dh] as given.
-    return cache_YxBxKxSxDh.at[layer, rows_BxL, :, slots_BxL, :].set(
-        new_BxLxKxDh.astype(cache_YxBxKxSxDh.dtype), mode="promise_in_bounds"
+    # One scatter: (row, slot) pairs index axes 0 and 2, and NumPy indexing puts those index
+    # dims first, so the update is laid out [B, L, K, Dh] as given.
+    return cache_BxKxSxDh.at[rows_BxL, :, slots_BxL, :].set(
+        new_BxLxKxDh.astype(cache_BxKxSxDh.dtype), mode="promise_in_bounds"
     )
 
 
@@ -262,10 +284,9 @@ class Attention(nn.Module):
         positions_BxL: Array,
         mask_BxLxS: Array | None,
         kv: tuple[Array, Array] | None,
-        layer: Array | int,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """(output [B, L, D], the (k, v) cache of every layer [Y, B, K, S, Dh] with this layer's
-        L new entries written, or None without a cache).
+        """(output [B, L, D], this layer's (k, v) cache [B, K, S, Dh] with the L new entries
+        written, or None without a cache).
 
         `mask_BxLxS` says which keys each query may read. Without a cache and with a fused
         kernel (`cfg.attention` other than "einsum"), the kernel applies causality and the
@@ -298,17 +319,14 @@ class Attention(nn.Module):
             k_BxKxLxDh, v_BxKxLxDh = (jnp.swapaxes(a, 1, 2) for a in (k_BxLxKxDh, v_BxLxKxDh))
             out_BxLxKxGxDh = attend_causal(q_BxLxKxGxDh, k_BxKxLxDh, v_BxKxLxDh, mask_BxLxS)
         else:
-            # With a cache, a row's first position is its write slot. The whole stack is
-            # updated in place and carried from layer to layer, so a decode step no longer
-            # slices the cache per layer and restacks it afterwards.
+            # With a cache, a row's first position is its write slot; the layer's buffers are
+            # updated in place and attended to where they lie.
             start_B = positions_BxL[:, 0]
-            kv = tuple(
-                _write_cache(cache, new, start_B, layer)
+            k_BxKxSxDh, v_BxKxSxDh = (
+                _write_cache(cache, new, start_B)
                 for cache, new in zip(kv, (k_BxLxKxDh, v_BxLxKxDh), strict=True)
             )
-            k_BxKxSxDh, v_BxKxSxDh = (
-                jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False) for cache in kv
-            )
+            kv = (k_BxKxSxDh, v_BxKxSxDh)
             out_BxLxKxGxDh = attend(q_BxLxKxGxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
         out_BxLxKxGxDh = with_logical_constraint(out_BxLxKxGxDh, _GROUPED_Q)
         return o(out_BxLxKxGxDh.reshape(B, L, H, Dh)), kv
@@ -333,7 +351,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; carries (x, every layer's kv cache) so nn.scan can scan it."""
+    """One pre-norm decoder layer; carries (x, its kv cache or None) so nn.scan can scan it."""
 
     cfg: ModelConfig
 
@@ -343,12 +361,11 @@ class Block(nn.Module):
         carry: tuple[Array, tuple[Array, Array] | None],
         positions_BxL: Array,
         mask_BxLxS: Array | None,
-        layer: Array | int,
     ) -> tuple[tuple[Array, tuple[Array, Array] | None], None]:
-        """((x after the attention and MLP residuals, kv with layer `layer` updated), None)."""
+        """((x after the attention and MLP residuals, the layer's updated kv or None), None)."""
         x_BxLxD, kv = carry
         h_BxLxD, kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxLxS, kv, layer
+            RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxLxS, kv
         )
         x_BxLxD = x_BxLxD + h_BxLxD
         x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD))
@@ -434,7 +451,7 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
@@ -495,7 +512,6 @@ class Transformer(nn.Module):
             else:
                 causal_LxL = jnp.tril(jnp.ones((L, L), bool))
                 mask_BxLxS = causal_LxL[None] & same_segment_BxLxL
-            kv = None
         else:
             if positions_BxL is not None:
                 raise ValueError("with a cache, positions come from cache.end_index; pass None")
@@ -503,21 +519,20 @@ class Transformer(nn.Module):
             # Slot s holds position s, so causality and unwritten slots are one comparison.
             slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
             mask_BxLxS = slots_S[None, None, :] <= positions_BxL[:, :, None]
-            kv = (cache.k, cache.v)
 
         x_BxLxD = with_logical_constraint(self.embed.encode(tokens_BxL), _ACTIVATION)
-        if self.cfg.scan_layers:
-            layers_Y = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
-            (x_BxLxD, kv), _ = self.layers((x_BxLxD, kv), positions_BxL, mask_BxLxS, layers_Y)
-        else:
-            for i, layer in enumerate(self.layers):
-                (x_BxLxD, kv), _ = layer((x_BxLxD, kv), positions_BxL, mask_BxLxS, i)
-        hidden_BxLxD = self.final_norm(x_BxLxD)
-
         new_cache = None
         if cache is not None:
+            x_BxLxD, k, v = self._cached_layers(x_BxLxD, positions_BxL, mask_BxLxS, cache)
             written_B = jnp.sum(segment_ids_BxL != 0, axis=1, dtype=jnp.int32)
-            new_cache = KVCache(k=kv[0], v=kv[1], end_index=cache.end_index + written_B)
+            new_cache = KVCache(k=k, v=v, end_index=cache.end_index + written_B)
+        elif self.cfg.scan_layers:
+            (x_BxLxD, _), _ = self.layers((x_BxLxD, None), positions_BxL, mask_BxLxS)
+        else:
+            for layer in self.layers:
+                (x_BxLxD, _), _ = layer((x_BxLxD, None), positions_BxL, mask_BxLxS)
+        hidden_BxLxD = self.final_norm(x_BxLxD)
+
         scores = {
             name: getattr(self, f"{name}_head")(hidden_BxLxD.astype(jnp.float32))[..., 0]
             for name in self.heads
@@ -526,6 +541,32 @@ class Transformer(nn.Module):
         return ModelOutput(
             logits=logits_BxLxV, hidden_BxLxD=hidden_BxLxD, scores=scores, cache=new_cache
         )
+
+    def _cached_layers(
+        self, x_BxLxD: Array, positions_BxL: Array, mask_BxLxS: Array, cache: KVCache
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+        """(x after every layer, each layer's updated k and v): the layers one after another.
+
+        Unrolled even when the parameters are stacked for nn.scan, since a scan would carry
+        the layers' caches as one stack and copy its layer out of it (see KVCache). Slicing
+        a layer's weights out of the stack is cheaper (no cache), and `sampler.decode`
+        unstacks them once before its loop.
+        """
+        stacked = unbox(self.variables["params"]["layers"]) if self.cfg.scan_layers else None
+        k, v = [], []
+        for i in range(self.cfg.num_layers):
+            kv = (cache.k[i], cache.v[i])
+            if stacked is not None:
+                params_i = jax.tree.map(lambda p, i=i: p[i], stacked)
+                # A module built with parent=None is a plain function of its params.
+                (x_BxLxD, kv), _ = Block(self.cfg, parent=None).apply(
+                    {"params": params_i}, (x_BxLxD, kv), positions_BxL, mask_BxLxS
+                )
+            else:
+                (x_BxLxD, kv), _ = self.layers[i]((x_BxLxD, kv), positions_BxL, mask_BxLxS)
+            k.append(kv[0])
+            v.append(kv[1])
+        return x_BxLxD, tuple(k), tuple(v)
 
 
 # ----------------------------------------------------------------------------- param trees

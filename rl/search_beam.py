@@ -134,11 +134,7 @@ class StepScorer(Protocol):
 @jax.jit
 def gather_cache(cache: KVCache, index_R: Array) -> KVCache:
     """The cache rows `index_R` (repeats allowed): how survivors are kept and forked."""
-    return KVCache(
-        k=jnp.take(cache.k, index_R, axis=1),
-        v=jnp.take(cache.v, index_R, axis=1),
-        end_index=jnp.take(cache.end_index, index_R, axis=0),
-    )
+    return cache.map_rows(lambda x: jnp.take(x, index_R, axis=0))
 
 
 def gather_rows(tree: Any, index_R: Array) -> Any:

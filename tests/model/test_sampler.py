@@ -94,8 +94,9 @@ def test_forked_samples_share_the_prompt_prefix(tiny_cfg, tiny_params, greedy):
     cache, logits_BxV = sampler.prefill(tiny_params, tiny_cfg, tokens_BxP, lengths_B, 16)
     forked = sampler.fork_cache(cache, 2)
     np.testing.assert_array_equal(forked.end_index, np.repeat(lengths_B, 2))
-    np.testing.assert_array_equal(forked.k[:, 2], forked.k[:, 3])
-    np.testing.assert_array_equal(forked.k[:, 3], cache.k[:, 1])
+    for layer in range(tiny_cfg.num_layers):
+        np.testing.assert_array_equal(forked.k[layer][2], forked.k[layer][3])
+        np.testing.assert_array_equal(forked.v[layer][3], cache.v[layer][1])
     np.testing.assert_array_equal(sampler.fork_rows(logits_BxV, 2)[4], logits_BxV[2])
 
 
@@ -163,6 +164,19 @@ def test_filters_keep_only_allowed_tokens():
     assert set(draw(top_p=0.85)) == {0, 1, 2}
     frequencies_V = np.bincount(draw(), minlength=4) / 4000
     np.testing.assert_allclose(frequencies_V, probs_V, atol=0.03)
+
+
+def test_first_argmax_and_draws_match_jax():
+    rng = np.random.default_rng(0)
+    # Small integers make ties common: the first maximum must win, as in jnp.argmax.
+    x_BxV = jnp.asarray(rng.integers(0, 4, (256, 33)), jnp.float32)
+    np.testing.assert_array_equal(sampler.first_argmax(x_BxV), jnp.argmax(x_BxV, axis=-1))
+    nan_row = x_BxV.at[0, 5].set(jnp.nan)
+    assert 0 <= int(sampler.first_argmax(nan_row)[0]) < 33  # a valid token id, never V
+    logits_BxV = jnp.asarray(rng.standard_normal((512, 64)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    drawn = sampler.choose_tokens(logits_BxV, key, 1.0, top_k=0, top_p=1.0, greedy=False)
+    np.testing.assert_array_equal(drawn, jax.random.categorical(key, logits_BxV, axis=-1))
 
 
 def test_sample_rejects_bad_requests(tiny_cfg, tiny_params):

@@ -175,7 +175,7 @@ def test_bfloat16_compute_is_close_to_float32(tiny_cfg, tiny_params):
     assert float(jnp.abs(half - full).max()) < 0.05 * scale
     assert float(jnp.mean(jnp.argmax(half, -1) == jnp.argmax(full, -1))) > 0.9
     cache = transformer.init_cache(bf16_cfg, 2, 16)
-    assert cache.k.dtype == jnp.bfloat16
+    assert all(a.dtype == jnp.bfloat16 for a in (*cache.k, *cache.v))
 
 
 def test_value_head_starts_at_zero_and_reward_head_does_not(tiny_cfg, tiny_params):
@@ -216,16 +216,21 @@ def test_scalar_heads_can_be_added_and_dropped(tiny_cfg, tiny_params):
     assert set(created) == set(tiny_params) | {"value_head"}
 
 
-def test_cache_in_chunks_equals_full_forward(tiny_cfg, tiny_params):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cache_in_chunks_equals_full_forward(tiny_cfg, tiny_params, scan_layers):
+    # The cached forward runs the layers unrolled either way (stacked params are sliced).
+    cfg = dataclasses.replace(tiny_cfg, scan_layers=scan_layers)
+    params = tiny_params if scan_layers else transformer.unstack_layers(tiny_params)
     tokens_BxL = _tokens((2, 10), seed=4)
     full_BxLxV = _logits(tiny_cfg, tiny_params, tokens_BxL)
-    cache = transformer.init_cache(tiny_cfg, 2, 16)
+    cache = transformer.init_cache(cfg, 2, 16)
     chunks = []
     for start, stop in [(0, 4), (4, 7), (7, 8), (8, 10)]:
-        out = _forward(tiny_cfg, tiny_params, tokens_BxL[:, start:stop], cache=cache)
+        out = _forward(cfg, params, tokens_BxL[:, start:stop], cache=cache)
         cache = out.cache
         chunks.append(out.logits)
     np.testing.assert_array_equal(cache.end_index, [10, 10])
+    assert len(cache.k) == len(cache.v) == cfg.num_layers
     np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), full_BxLxV, atol=1e-5)
 
 
