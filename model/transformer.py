@@ -552,15 +552,16 @@ class Transformer(nn.Module):
         a layer's weights out of the stack is cheaper (no cache), and `sampler.decode`
         unstacks them once before its loop.
         """
-        stacked = unbox(self.variables["params"]["layers"]) if self.cfg.scan_layers else None
+        unstacked = None
+        if self.cfg.scan_layers:
+            unstacked = unstack_layers({"layers": unbox(self.variables["params"]["layers"])})
         k, v = [], []
         for i in range(self.cfg.num_layers):
             kv = (cache.k[i], cache.v[i])
-            if stacked is not None:
-                params_i = jax.tree.map(lambda p, i=i: p[i], stacked)
+            if unstacked is not None:
                 # A module built with parent=None is a plain function of its params.
                 (x_BxLxD, kv), _ = Block(self.cfg, parent=None).apply(
-                    {"params": params_i}, (x_BxLxD, kv), positions_BxL, mask_BxLxS
+                    {"params": unstacked[f"layers_{i}"]}, (x_BxLxD, kv), positions_BxL, mask_BxLxS
                 )
             else:
                 (x_BxLxD, kv), _ = self.layers[i]((x_BxLxD, kv), positions_BxL, mask_BxLxS)
