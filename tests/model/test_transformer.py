@@ -89,7 +89,8 @@ def test_block_causal_attention_equals_full_attention(L):
     B, K, G, Dh = 2, 2, 3, 8
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(keys[0], (B, L, K, G, Dh))
-    k, v = (jax.random.normal(key, (B, K, L, Dh)) for key in keys[1:])
+    k = jax.random.normal(keys[1], (B, K, L, Dh))
+    v = jax.random.normal(keys[2], (B, K, Dh, L))  # values transposed, as attend takes them
     # Row 0 packs three segments and right padding; row 1 holds one sequence.
     bounds = np.linspace(0, L - 5, 4).astype(int)
     segments_BxL = np.ones((B, L), np.int32)
