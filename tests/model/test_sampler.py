@@ -150,6 +150,37 @@ def test_decoding_continues_from_a_returned_cache(tiny_cfg, tiny_params, greedy)
     np.testing.assert_array_equal(joined, greedy.tokens_BxNxT[:, 0])
 
 
+def test_decoding_in_phases_equals_one_phase(tiny_cfg, tiny_params):
+    """Cutting the cache to each phase's reach and regrowing it changes no token or cache."""
+    tokens_BxP, lengths_B = sampler.pad_prompts(PROMPTS, 0)
+    cache, logits_BxV = sampler.prefill(tiny_params, tiny_cfg, tokens_BxP, lengths_B, 7 + T)
+
+    def run(phase_tokens, stop_tokens=()):
+        return sampler.decode(
+            tiny_params,
+            tiny_cfg,
+            cache,
+            logits_BxV,
+            jax.random.PRNGKey(3),
+            max_new_tokens=T,
+            stop_tokens=stop_tokens,
+            phase_tokens=phase_tokens,
+        )
+
+    # Sampled at temperature 1, with a stop token that ends row 0 by step 5 and not row 1.
+    stop = int(run(T).tokens_BxT[0, 4])
+    one, phased = run(T, (stop,)), run(3, (stop,))  # phases end at steps 3, 6 and 8
+    assert one.done_B[0] and not one.done_B[1]
+    np.testing.assert_array_equal(phased.tokens_BxT, one.tokens_BxT)
+    np.testing.assert_allclose(phased.logprobs_BxT, one.logprobs_BxT, atol=1e-6)
+    np.testing.assert_array_equal(phased.lengths_B, one.lengths_B)
+    np.testing.assert_array_equal(phased.done_B, one.done_B)
+    np.testing.assert_allclose(phased.last_logits_BxV, one.last_logits_BxV, atol=1e-5)
+    assert phased.cache.max_len == one.cache.max_len == 7 + T
+    np.testing.assert_array_equal(phased.cache.end_index, one.cache.end_index)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), phased.cache, one.cache)
+
+
 def test_filters_keep_only_allowed_tokens():
     probs_V = np.array([0.5, 0.3, 0.15, 0.05])
     logits_BxV = jnp.tile(jnp.log(jnp.asarray(probs_V, jnp.float32)), (4000, 1))
