@@ -10,10 +10,22 @@ above all) are built once per test session whichever folders use them.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+
+# One persistent XLA compilation cache for the whole run: the xdist workers and every
+# subprocess a test starts (CLI runs, SIGKILL and resume, multi-process runs) inherit this
+# variable, so a program compiled once is loaded, not recompiled, by the next process that
+# builds it. Set here, before any process of the run imports jax, in the first one (pytest's
+# main process), and removed when that process exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="thinkax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
