@@ -7,7 +7,8 @@ For each batch B, prompt length P and number of new tokens T (random-init model,
 prompts, no stop token, so every row decodes all T tokens):
 
   cache      `model.sampler.sample`: prefill once, then one token per step through the KV
-             cache in a jitted `lax.while_loop`. Tokens/s = B * T / wall time (prefill included).
+             cache in jitted `lax.while_loop`s, one per 64-step phase, each phase attending
+             over the slots it can reach. Tokens/s = B * T / wall time (prefill included).
   recompute  the same sampling without a cache: every step re-runs the model on the whole
              sequence, padded to the fixed length P + T so it compiles once and loops in one
              jit (`lax.fori_loop`). Each step costs the same, so only `--recompute_steps` steps

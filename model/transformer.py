@@ -294,7 +294,7 @@ def attend_fused(
 def _write_cache(cache: Array, new_BxLxKxDh: Array, start_B: Array, slot_axis: int) -> Array:
     """Writes each row's L new entries at the row's own slot offset, in place.
 
-    `cache` is [B, K, S, Dh] (slot_axis 2, values) or [B, K, Dh, S] (slot_axis 3, keys).
+    `cache` is [B, K, S, Dh] (slot_axis 2, keys) or [B, K, Dh, S] (slot_axis 3, values).
     """
     B, L = new_BxLxKxDh.shape[:2]
     rows_BxL = jnp.broadcast_to(jnp.arange(B)[:, None], (B, L))
