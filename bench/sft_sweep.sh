@@ -3,8 +3,8 @@
 # summary line per finished run. Made for a lent GPU, where this small model leaves the
 # chip mostly idle, so a dozen runs at a time cost little more than one.
 #   bash bench/sft_sweep.sh RUNS_FILE OUT_DIR [PARALLEL]
-# Each line of RUNS_FILE is `NAME CONFIG [--config.key=value ...]` (bench/sft_sweep_runs.txt
-# is the session-8 sweep); lines starting with # are skipped. Every run evaluates greedily on
+# Each line of RUNS_FILE is `NAME CONFIG [--config.key=value ...]` (bench/sft_sweep_runs*.txt
+# are the sweeps of sessions 8 and 12); lines starting with # are skipped. Every run evaluates greedily on
 # a 1000-problem test split; OUT_DIR/sweep.jsonl gets one JSON object per run with its
 # exit code, seconds and per-task accuracy, and OUT_DIR/NAME.log its log.
 # Needs the package installed (pip install -e .).
