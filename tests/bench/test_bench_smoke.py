@@ -17,6 +17,7 @@ from bench.train_step import synthetic_batch
 from data.pipeline import BATCH_FEATURES
 from model.config import get_preset
 from model.sampler import sample
+from tests.conftest import build_once, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = ("train_step", "decode", "pipeline")
@@ -24,9 +25,13 @@ SCRIPTS = ("train_step", "decode", "pipeline")
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory):
-    """{script: (stdout, results JSON)}; the three run at once (compiling is most of it)."""
-    out_dir = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    """{script: (stdout, results JSON)}, once per test run (tests/conftest.py:build_once)."""
+    return build_once(tmp_path_factory, "bench_quick_runs", run_quick)
+
+
+def run_quick(out_dir) -> dict:
+    """Runs the three scripts at once (compiling is most of it): {script: (stdout, JSON)}."""
+    env = subprocess_env()
     procs = {}
     for name in SCRIPTS:
         cmd = [sys.executable, "-m", f"bench.{name}", "--quick", f"--out={out_dir}/{name}.json"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from data.multiturn import conversation, conversation_dialogue
 from data.tasks.addition import ADDITION
 from data.tokenizer import train_tokenizer
 from rl import chat
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, subprocess_env
 
 STATS_RE = re.compile(r"\[context: (\d+) tokens; redaction saved (\d+) tokens\]")
 KEPT_STATS_RE = re.compile(r"\[context: (\d+) tokens; redaction off, it would save (\d+)\]")
@@ -105,7 +104,7 @@ def test_tiny_chat_reads_turns_from_stdin(tiny_run, keep):
         [sys.executable, "-m", "rl.chat", f"--workdir={tiny_run}", "--max_new_tokens=8", *extra],
         input="What is 4821 + 937?\n\nNow add 17 to that.\n",
         cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

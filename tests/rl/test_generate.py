@@ -10,7 +10,6 @@ gets for them.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ import pytest
 
 from model import sampler, sharding
 from rl import generate
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, subprocess_env
 
 # Process 1's longest prompt pads to another width than process 0's.
 PROMPTS = ([[5, 9, 17], [3, 1, 4, 1, 5]], [[42, 7], [8] * 17])
@@ -72,7 +71,7 @@ def test_host_value_of_a_sharded_array():
 
 def test_two_processes_each_get_their_own_rows(tiny_cfg, tiny_params):
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, address, str(i), json.dumps(p), json.dumps(OPTIONS)],

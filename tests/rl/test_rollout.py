@@ -4,7 +4,6 @@ two real JAX processes sharing one rollout."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from model.config import get_preset
 from rl import buffers as B
 from rl import rollout as rollout_lib
 from rl.rewards import Scored
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, subprocess_env
 from train.configs import rl as rl_configs
 
 PAD = 0
@@ -289,7 +288,7 @@ CHILD = textwrap.dedent(
 def test_two_processes_split_one_rollout(setup):
     config = setup.config
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, address, str(i), config.to_json(), setup.workdir],

@@ -9,6 +9,7 @@ import pytest
 nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[test]' (nbclient)")
 nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[test]' (nbformat)")
 
+from tests.conftest import OPTIMIZATION_FLAG  # noqa: E402
 from train.objectives import OBJECTIVES  # noqa: E402
 
 NOTEBOOK = os.path.join(
@@ -30,7 +31,7 @@ def cell_text(cell) -> str:
 def test_colab_demo_runs_on_cpu(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # The kernel inherits this environment: one plain CPU device, runs under tmp_path.
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", OPTIMIZATION_FLAG)  # the tests' subprocess_env
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("THINKAX_DEMO_DIR", str(tmp_path / "demo"))
     client = nbclient.NotebookClient(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,9 @@ from train import checkpoint, objectives
 from train.loop import NonFiniteLossError, run
 from train.metrics import read_metrics
 from train.objectives.sft import cross_entropy, masked_mean
+
+# The loop's runs here use one device; on meshes it is test_mesh_equivalence's subject.
+pytestmark = pytest.mark.usefixtures("one_device_loop")
 
 
 def test_tiny_run_writes_the_contract_files(tiny_run):
@@ -42,10 +46,11 @@ def test_tiny_run_writes_the_contract_files(tiny_run):
     assert config["objective"] == "sft" and config["model"]["d_model"] > 0
 
 
-def test_evaluate_cli_rewrites_eval_json(tiny_run):
-    os.remove(os.path.join(tiny_run, "eval.json"))
-    proc = run_cli("train.evaluate", f"--workdir={tiny_run}")
-    with open(os.path.join(tiny_run, "eval.json")) as f:
+def test_evaluate_cli_rewrites_eval_json(tiny_run, tmp_path):
+    workdir = shutil.copytree(tiny_run, tmp_path / "run")  # a copy: tiny_run is shared
+    os.remove(workdir / "eval.json")
+    proc = run_cli("train.evaluate", f"--workdir={workdir}")
+    with open(workdir / "eval.json") as f:
         result = json.load(f)
     assert result["step"] == 6 and result["num_problems"] == 4
     assert "accuracy" in proc.stdout

@@ -6,7 +6,7 @@ the step and any rollout trace) and compares every step's metrics (the loss amon
 the updated parameters with the same run on a one-device mesh, on 8 forced CPU devices.
 Objectives whose modules have not landed are skipped with the reason.
 
-The one-device run of each objective is made once per module and compared with every mesh.
+The one-device run of each objective is made once per test run and compared with every mesh.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import optax
 import pytest
 
 from model import sharding as sharding_lib
-from tests.conftest import tiny_config
+from tests.conftest import build_once, tiny_config
 from train import batches as batches_lib
 from train import init_from, loop
 from train.objectives import OBJECTIVES, get_objective
@@ -148,7 +148,10 @@ def train_steps(config, setup: loop.Setup, mesh, rules: str) -> Trained:
 
 @pytest.fixture(scope="module")
 def prepared_runs(tmp_path_factory):
-    """Per objective, built once: its Setup (data, tokenizer, model) and its one-device steps."""
+    """Per objective: its Setup (data, tokenizer, model), built once per xdist worker, and its
+    one-device steps, made once per test run (tests/conftest.py:build_once). Every worker
+    builds the same data from the config's seed, and starts the others from the same SFT
+    run: a CPU run is reproducible bit for bit (tests/train/test_resume.py)."""
     cache = {}
 
     def get(name: str, config) -> tuple[loop.Setup, Trained]:
@@ -156,7 +159,12 @@ def prepared_runs(tmp_path_factory):
             workdir = str(tmp_path_factory.mktemp(f"equivalence_{name}"))
             setup = loop.build(config, workdir)  # its mesh is replaced in train_steps
             one_device = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-            cache[name] = setup, train_steps(config, setup, one_device, "fsdp")
+            expected = build_once(
+                tmp_path_factory,
+                f"equivalence_{name}_one_device",
+                lambda _: train_steps(config, setup, one_device, "fsdp"),
+            )
+            cache[name] = setup, expected
         return cache[name]
 
     return get

@@ -19,7 +19,7 @@ import pytest
 
 from model import sharding as sharding_lib
 from model.transformer import Transformer
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, build_once, free_port, subprocess_env
 from train import checkpoint, workdir
 from train.metrics import read_metrics
 from train.objectives import get_objective
@@ -39,13 +39,7 @@ ARGS = (
 
 def launch(workdir_path: str, timeout: float = 400) -> list[str]:
     """Runs the processes to completion; returns each one's stderr (the absl log)."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_NUM_CPU_DEVICES": "2",
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-    }
+    env = subprocess_env(JAX_NUM_CPU_DEVICES="2", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     address = f"127.0.0.1:{free_port()}"
     logs = [f"{workdir_path}.process{i}.log" for i in range(NUM_PROCESSES)]
     procs = []
@@ -75,9 +69,14 @@ def launch(workdir_path: str, timeout: float = 400) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """The finished two-process run: (workdir, [log of process 0, log of process 1])."""
-    path = str(tmp_path_factory.mktemp("multiprocess") / "run")
-    return path, launch(path)
+    """The finished two-process run, once per test run (tests/conftest.py:build_once):
+    (workdir, [log of process 0, log of process 1])."""
+
+    def build(folder):
+        path = str(folder / "run")
+        return path, launch(path)
+
+    return build_once(tmp_path_factory, "multiprocess", build)
 
 
 def test_processes_read_disjoint_shards(two_process_run):

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, subprocess_env
 from train import checkpoint
 from train.metrics import read_metrics
 
-STEPS = 60
-# Enough steps after the first checkpoint (a tiny step takes tens of ms) that the kill
-# lands mid-run, at a moment that varies from run to run.
+STEPS = 30
+# Enough steps after the first checkpoint that the kill lands mid-run, at a moment that
+# varies from run to run: a tiny step with its share of the checkpoints takes ~0.1 s on an
+# idle 2-core CPU, so the kill, at most ~0.7 s after checkpoint 5, lands by step ~12.
 ARGS = ("--config=sft.py:tiny", f"--config.num_steps={STEPS}", "--config.checkpoint_every=5")
 
 
@@ -27,7 +28,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     run_cli("train.main", *ARGS, f"--workdir={straight}")
 
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "train.main", *ARGS, f"--workdir={killed}"],
         cwd=REPO,

@@ -14,6 +14,7 @@ import pytest
 from model import config as model_config
 from model import transformer
 from rl import reward_model, rm_data
+from tests.conftest import build_once, loop_on_one_device
 from train import evaluate
 from train.configs import rm
 from train.metrics import read_metrics
@@ -169,23 +170,30 @@ def test_config_variants():
 
 @pytest.fixture(scope="module")
 def rm_runs(tiny_run, tmp_path_factory):
-    """Two steps each of rm.py:tiny kind=orm and kind=prm from the tiny SFT run (in-process)."""
+    """Two steps each of rm.py:tiny kind=orm and kind=prm from the tiny SFT run (in-process),
+    once per test run (tests/conftest.py:build_once)."""
     from train.loop import run
 
-    workdirs = {}
-    for kind in ("orm", "prm"):
-        config = rm.get_config(f"kind={kind},tiny")
-        config.init_from = tiny_run
-        workdirs[kind] = str(tmp_path_factory.mktemp(kind))
-        if kind == "orm":
-            run(config, workdirs[kind])
-            continue
-        # Same data config, policy and rm_data: the PRM finds the ORM's data and samples nothing.
-        shutil.copytree(os.path.join(workdirs["orm"], "data"), os.path.join(workdirs[kind], "data"))
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(rm_data, "generate_splits", lambda *args: pytest.fail("not cached"))
-            run(config, workdirs[kind])
-    return workdirs
+    def build(folder):  # on one device: ORM and PRM on meshes are test_mesh_equivalence's
+        workdirs = {}
+        for kind in ("orm", "prm"):
+            config = rm.get_config(f"kind={kind},tiny")
+            config.init_from = tiny_run
+            workdirs[kind] = str(folder / kind)
+            if kind == "orm":
+                run(config, workdirs[kind])
+                continue
+            # Same data config, policy and rm_data: the PRM finds the ORM's data, samples nothing.
+            shutil.copytree(
+                os.path.join(workdirs["orm"], "data"), os.path.join(workdirs[kind], "data")
+            )
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(rm_data, "generate_splits", lambda *args: pytest.fail("not cached"))
+                run(config, workdirs[kind])
+        return workdirs
+
+    with loop_on_one_device():
+        return build_once(tmp_path_factory, "rm_runs", build)
 
 
 @pytest.mark.parametrize("kind", ["orm", "prm"])

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from rl import rewards as R
-from tests.conftest import apply_overrides
+from tests.conftest import apply_overrides, build_once
 from train import checkpoint
 from train import workdir as workdir_lib
 from train.configs import rl as rl_configs
@@ -52,9 +52,15 @@ def policy_config(algo: str, init_from: str, **overrides):
     return apply_overrides(config, overrides)
 
 
+def shared_policy_workdir(tmp_path_factory) -> str:
+    """A make_policy_workdir run made once per test run (tests/conftest.py:build_once); the
+    runs that start from it only read it."""
+    return build_once(tmp_path_factory, "policy", lambda folder: make_policy_workdir(str(folder)))
+
+
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> str:
-    return make_policy_workdir(str(tmp_path_factory.mktemp("policy")))
+    return shared_policy_workdir(tmp_path_factory)
 
 
 def first_token_probs(workdir: str) -> np.ndarray:
@@ -96,6 +102,7 @@ def make_toy_reward(workdir: str):
 ROLLOUTS, STEPS_PER_ROLLOUT = 12, 4  # 2 epochs x 2 minibatches of 16 rows
 
 
+@pytest.mark.usefixtures("one_device_loop")  # PPO and GRPO on meshes: test_mesh_equivalence
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_policy_gradient_learns_a_toy_reward(algo, policy_dir, tmp_path, monkeypatch, capsys):
     toy_reward = make_toy_reward(policy_dir)

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO, run_cli
-from tests.train.test_rl_objectives import make_policy_workdir
+from tests.conftest import REPO, run_cli, subprocess_env
+from tests.train.test_rl_objectives import shared_policy_workdir
 from train import checkpoint
 from train.metrics import read_metrics
 
@@ -31,7 +31,7 @@ def args(policy: str, workdir: str) -> list[str]:
 
 
 def start(policy: str, workdir: str) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     return subprocess.Popen(
         [sys.executable, "-m", "train.main", *args(policy, workdir)],
         cwd=REPO,
@@ -46,16 +46,25 @@ def logged(workdir: str) -> dict[int, tuple]:
     return {r["step"]: tuple(r[k] for k in COMPARED) for r in records}
 
 
-def test_sigkill_mid_rollout_then_resume_matches_uninterrupted_run(tmp_path):
-    policy = make_policy_workdir(str(tmp_path / "policy"))
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    uninterrupted = start(policy, straight)  # runs alongside the one that gets killed
-    proc = start(policy, killed)
+def wait_for_first_checkpoint(proc: subprocess.Popen, workdir: str) -> None:
     deadline = time.time() + 400
-    while (checkpoint.latest_step(killed) or 0) < 3:
+    while (checkpoint.latest_step(workdir) or 0) < 3:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint within 400 s"
         time.sleep(0.2)
+
+
+def test_sigkill_mid_rollout_then_resume_matches_uninterrupted_run(tmp_path, tmp_path_factory):
+    policy = shared_policy_workdir(tmp_path_factory)
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    uninterrupted = start(policy, straight)
+    # The run to kill starts once the uninterrupted one has checkpointed, and runs alongside
+    # the rest of it: by then the train step, the sampler and the forwards are compiled and
+    # in the run's compilation cache (tests/conftest.py), so it loads them instead of
+    # compiling them a second time.
+    wait_for_first_checkpoint(uninterrupted, straight)
+    proc = start(policy, killed)
+    wait_for_first_checkpoint(proc, killed)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))  # a random moment after it
     proc.send_signal(signal.SIGKILL)
     proc.wait()
