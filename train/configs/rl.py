@@ -60,14 +60,16 @@ def get_config(arg: str | None = None):
     c.data.validation_size = 16
     c.data.test_size = 64
     c.data.corrupted_size = 0
-    c.data.seq_len = 184  # a prompt of up to 40 tokens and up to max_new_tokens
+    c.data.seq_len = 208  # a prompt of up to 48 tokens and up to max_new_tokens
 
     c.rl = ml_collections.ConfigDict()
     r = c.rl
     r.split = "train"  # prompts come from this split of the data above
     r.prompts = 16  # prompts per rollout (global)
     r.group_size = 8  # samples per prompt (G)
-    r.max_new_tokens = 144  # 12-letter words take ~115 tokens, 16-letter ones ~140
+    # With sft.py's spelled words, responses for 12-letter words take up to ~127 tokens,
+    # 16-letter ones (the harder level) up to ~151.
+    r.max_new_tokens = 160
     r.temperature = 1.0
     r.top_k = 0
     r.top_p = 1.0
