@@ -19,12 +19,16 @@ COMPARED = ("loss", "policy_loss", "value_loss", "rollout/reward", "rollout/kl_r
 
 
 def args(policy: str, workdir: str) -> list[str]:
-    # Checkpoints every 3 steps land mid-buffer (a rollout serves 4 minibatches).
+    # Checkpoints every 3 steps land mid-buffer (a rollout serves 4 minibatches). The random
+    # policy never earns a reward, so without the entropy bonus every loss would be 0 and the
+    # policy would never move: the bonus gives each step a gradient, so the losses, the
+    # rollouts and their KL to the reference depend on the parameters, buffer and rng restored.
     return [
         "--config=rl.py:tiny,algo=ppo",
         f"--config.init_from={policy}",
         f"--config.num_steps={STEPS}",
         "--config.checkpoint_every=3",
+        "--config.rl.entropy_coef=0.01",
         "--config.rl.compare.table=False",
         f"--workdir={workdir}",
     ]
@@ -75,5 +79,8 @@ def test_sigkill_mid_rollout_then_resume_matches_uninterrupted_run(tmp_path, tmp
     assert uninterrupted.wait(timeout=400) == 0
     expected, resumed = logged(straight), logged(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1))
+    for key in ("loss", "value_loss", "rollout/kl_ref"):  # they move: a real run to compare
+        i = COMPARED.index(key)
+        assert len({values[i] for values in expected.values()}) > 1, key
     # Bit-identical on CPU: same parameters, same rollout buffer, same rng, same KL coefficient.
     assert resumed == expected
