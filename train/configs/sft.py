@@ -67,8 +67,8 @@ def get_config(arg: str | None = None):
     # train: at 2x the default's tokens the previous 4-layer, d_model=192 model reached the
     # accuracy targets (README, GPU sweep). A smaller model trains more tokens in the same
     # minutes, and here that wins: 3 layers at d_model=128 (0.6M parameters without the
-    # embedding) step ~1.75x faster on this CPU than 4 at 192. 840 steps took 13.5 minutes
-    # with the evaluation on this machine alone (session 13; ~0.95 s a step).
+    # embedding) step ~1.75x faster on this CPU than 4 at 192. 840 steps took 13.5 and 14.8
+    # minutes with the evaluation, in two runs alone on this machine (session 13).
     c.model.preset = "small"
     c.model.d_model = 128
     c.model.num_layers = 3
