@@ -4,7 +4,8 @@ A record is one response to one problem, with what the reward models learn from 
 
   tokens          int32 [T]  prompt (the generation prompt) + response token ids
   prompt_length   int32      where the response starts in `tokens`
-  step_positions  int32 [S]  indices into `tokens` of the "\\n" ending each thought step
+  step_positions  int32 [S]  indices into `tokens` of the "\\n" ending each thought step,
+                             then of a finished response's <|eot_id|>: the answer step
   orm_label       float32    1.0 if the verifier accepts the response's answer
   step_labels     float32 [S] hard label per step: 1 good, 0 wrong
   step_values     float32 [S] soft label per step (Monte-Carlo success rate; = hard otherwise)
@@ -57,8 +58,11 @@ class RewardDataConfig(tfds.core.BuilderConfig):
 class ThinkaxRewardData(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Responses labelled for outcome and process reward models."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Policy samples and corrupted traces with ORM and step labels."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Policy samples and corrupted traces with ORM and step labels.",
+        "1.1.0": "A finished response's <|eot_id|> is a step too: the answer step.",
+    }
 
     def __init__(self, *, make_splits: MakeSplits | None = None, **kwargs):
         self._make_splits = make_splits

@@ -133,6 +133,11 @@ def build_table(
     probs, mask = (None, None)
     if prm_scores is not None:
         probs, mask = search.pad_steps([[s.steps for s in row] for row in prm_scores])
+        # A candidate cut off before its answer has no answer step to judge, so its thought
+        # steps alone would outrank a finished candidate (which pays for its answer step).
+        # Without steps, search.prm_aggregate ranks it last: it has no answer to give anyway.
+        finished_PxN = np.array([[g.finished for g in row] for row in generations], bool)
+        mask = mask * finished_PxN.reshape(len(problems), -1)[..., None]
     return CandidateTable(
         answers=[[answer for answer, _ in row] for row in judged],
         correct_PxN=np.array([[ok for _, ok in row] for row in judged], bool).reshape(

@@ -6,8 +6,9 @@ a scalar `reward` head, whose per-token output `scores["reward"]` [B, L] is a lo
   ORM score of a response: sigmoid of the logit at its last token (the closing <|eot_id|>
   when it has one).
   PRM step scores: sigmoid of the logit at each step end, the "\\n" token that closes a
-  thought step inside a <|thoughts|> span (`step_end_positions`), exactly the tokens
-  data.format.encode_dialogue marks as `step_end`.
+  thought step inside a <|thoughts|> span (`step_end_positions`, exactly the tokens
+  data.format.encode_dialogue marks as `step_end`), then, for a finished response, at its
+  closing <|eot_id|>: the answer step (`prm_positions`).
 
 Search (best-of-N, step-level beam search) calls `score_tokens`/`score_texts`; RL calls
 `reward_logits` for dense rewards. Batches are padded to a fixed row count and to
@@ -48,7 +49,7 @@ class ResponseScore:
     """Probabilities of one response: at its last token, and at each of its step ends."""
 
     final: float
-    steps: np.ndarray  # float32 [S], in order; empty when the response has no thought steps
+    steps: np.ndarray  # float32 [S] at `prm_positions`, in order (the answer step last)
 
 
 def load_reward_model(workdir: str, step: int | None = None) -> RewardModel:
@@ -108,6 +109,26 @@ def step_end_positions(tokens, tokenizer) -> np.ndarray:
     return np.flatnonzero(opened_T & (tokens_T == newline_id)).astype(np.int32)
 
 
+def prm_positions(response_tokens, tokenizer) -> np.ndarray:
+    """Where a PRM judges a response (int32 [S]): each thought step's end, then, when the
+    response is finished (its last token is <|eot_id|>), that token: the answer step.
+
+    The answer step judges what no thought step can: that the steps ran to the end and the
+    answer follows from them. Without it, a trace that stops a step early (a letter skipped
+    at the end of a long word) or states an answer its steps do not give shows only right
+    steps, and a PRM ranks it as high as a complete, right one. It is the step that holds
+    the final answer in "Let's Verify Step by Step". Never raises on tokens.
+    """
+    ends_S = step_end_positions(response_tokens, tokenizer)
+    try:
+        tokens_T = np.asarray(response_tokens, np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        return ends_S
+    if tokens_T.size and tokens_T[-1] == tokenizer.eot_id:
+        return np.append(ends_S, tokens_T.size - 1).astype(np.int32)
+    return ends_S
+
+
 def _bucket(n: int, cap: int) -> int:
     """The smallest power of two >= n (at least MIN_LENGTH_BUCKET), but at most max(n, cap)."""
     return min(max(MIN_LENGTH_BUCKET, 1 << max(n - 1, 0).bit_length()), max(n, cap))
@@ -156,7 +177,7 @@ def score_tokens(
         logits_BxL = np.asarray(reward_logits(rm.params, rm.model_cfg, tokens_BxL, segment_ids_BxL))
         for b, row in enumerate(chunk):
             prompt_len = len(prompt_tokens[start + b])
-            ends_S = prompt_len + step_end_positions(row[prompt_len:], rm.tokenizer)
+            ends_S = prompt_len + prm_positions(row[prompt_len:], rm.tokenizer)
             scores.append(
                 ResponseScore(
                     final=float(_sigmoid(logits_BxL[b, len(row) - 1])),

@@ -116,7 +116,8 @@ StepScorer = Callable[[Responses], list[tuple[np.ndarray, np.ndarray]]]
 
 
 def make_prm_reward(step_scorer: StepScorer, baseline: float = 0.5) -> RewardFn:
-    """Dense PRM reward: (p_step - baseline) / num_steps on each thought step's closing newline.
+    """Dense PRM reward: (p_step - baseline) / num_steps on each step the PRM judges (each
+    thought step's closing newline, and a finished response's <|eot_id|>: the answer step).
 
     Dividing by the step count makes the total the mean step score minus the baseline, so
     the policy gains nothing by writing more (or fewer) steps, only better ones.
@@ -137,7 +138,8 @@ def make_prm_reward(step_scorer: StepScorer, baseline: float = 0.5) -> RewardFn:
 
 
 def reward_model_step_scorer(prm_workdir: str, tokenizer, batch_size: int) -> StepScorer:
-    """A `StepScorer` reading a trained PRM: sigmoid of its logit at each step's newline."""
+    """A `StepScorer` reading a trained PRM: sigmoid of its logit at each step's newline and,
+    for a finished response, at its <|eot_id|> (the answer step: `reward_model.prm_positions`)."""
     import jax
 
     from rl import reward_model
@@ -162,7 +164,7 @@ def reward_model_step_scorer(prm_workdir: str, tokenizer, batch_size: int) -> St
         out = []
         for row in range(len(inputs_RxL)):
             response = responses.tokens_RxT[row, : responses.lengths_R[row]]
-            columns_S = np.asarray(reward_model.step_end_positions(response, tokenizer), np.int64)
+            columns_S = np.asarray(reward_model.prm_positions(response, tokenizer), np.int64)
             step_logits_S = logits_RxL[row, responses.prompt_lengths_R[row] + columns_S]
             out.append((columns_S, np.asarray(jax.nn.sigmoid(step_logits_S))))
         return out

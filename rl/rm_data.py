@@ -4,14 +4,17 @@ For each of the first `rm_data.num_problems` train problems, the SFT policy (`in
 samples `samples_per_problem` responses at `temperature`. Each response gets
 
   an outcome label (ORM): the task verifier's verdict on its visible answer;
-  step labels (PRM), from `rm_data.label_source`:
+  step labels (PRM), one per thought step and, for a finished response, one for the answer
+  step at its <|eot_id|> (rl.reward_model.prm_positions), from `rm_data.label_source`:
     "exact"  the task's step checker finds the first wrong step k: steps before k are 1,
-             step k is 0, later steps are unlabelled (Let's Verify). If every step checks
-             out but the answer is wrong, the last step is labelled 0: the error is in a
-             step the checker cannot see (a dropped step, the final line).
+             step k is 0, later steps (the answer step too) are unlabelled (Let's Verify).
+             If every step checks out, the answer step is 1 when the trace is complete and
+             the answer right, else 0: a trace that stops early, or whose answer line does
+             not follow from its steps, is wrong where it turns to the answer. (A response
+             cut off before its answer has no answer step; its last step takes the 0.)
     "mc"     Math-Shepherd: `mc_rollouts` completions from the response cut after each
              step's "\\n"; hard label = any completion verified correct, soft value = the
-             fraction that are.
+             fraction that are. The answer step's value is the response's own outcome.
     "both"   a step is good if it checks out and some rollout from it succeeds: the exact
              label times the MC label (soft: times the success rate); exact's mask.
 
@@ -42,17 +45,15 @@ from data import rm_builder
 from data.tasks import TASKS, get_task, verify
 from data.tasks.base import Problem
 from rl.generate import user_prompt_tokens
-from rl.reward_model import step_end_positions
+from rl.reward_model import prm_positions, step_end_positions
 
 LABEL_SOURCES = ("exact", "mc", "both")
 RM_SPLITS = {
     "train": ("train", "corrupted_train"),
     "validation": ("validation", "corrupted_validation"),
 }
-_READ_TIME_FIELDS = ("soft_targets",)
-MIN_PROMPT_WIDTH = (
-    64  # tokens; task prompts are shorter  # rm_data fields that do not change the records
-)
+_READ_TIME_FIELDS = ("soft_targets",)  # rm_data fields that do not change the records
+MIN_PROMPT_WIDTH = 64  # tokens; task prompts are shorter
 
 # (prompts, num_samples, max_new_tokens, stream) -> per prompt, num_samples token arrays,
 # each ending with <|eot_id|> if the sample finished.
@@ -135,24 +136,36 @@ def response_steps(response_tokens, tokenizer) -> tuple[np.ndarray, list[str]]:
     return ends_S, texts
 
 
-def first_error_labels(num_steps: int, first_error: int, correct: bool):
-    """(labels, mask) float32 [S] from the first wrong step (-1 or >= S: none among them)."""
-    labels_S = np.ones((num_steps,), np.float32)
-    mask_S = np.ones((num_steps,), np.float32)
+def process_labels(num_steps: int, first_error: int, correct: bool, finished: bool):
+    """(labels, mask) float32 [S + finished]: the thought steps', then the answer step's.
+
+    `first_error` is the step checker's: the first wrong step, -1 if none, or `num_steps`
+    if the trace stops before the steps are done (a missing step).
+    """
+    labels_S = np.ones((num_steps + finished,), np.float32)
+    mask_S = np.ones((num_steps + finished,), np.float32)
     if 0 <= first_error < num_steps:
         labels_S[first_error] = 0.0
         mask_S[first_error + 1 :] = 0.0
+    elif finished:
+        labels_S[-1] = float(correct and first_error < 0)
     elif not correct and num_steps:
-        labels_S[-1] = 0.0  # every step checks out, yet the answer is wrong
+        labels_S[-1] = 0.0  # cut off before its answer: the last step written takes it
     return labels_S, mask_S
 
 
-def exact_labels(problem: Problem, step_texts: Sequence[str], correct: bool):
-    """(labels, mask) [S] from the task's step checker; all unlabelled for unchecked tasks."""
-    if problem.task not in TASKS:  # GSM8K has no step checker
-        return np.ones((len(step_texts),), np.float32), np.zeros((len(step_texts),), np.float32)
+def exact_labels(problem: Problem, step_texts: Sequence[str], correct: bool, finished: bool):
+    """(labels, mask) [S + finished] from the task's step checker (see `process_labels`).
+
+    A task without a step checker (GSM8K) labels only the answer step, with the outcome.
+    """
+    num_steps = len(step_texts)
+    if problem.task not in TASKS:
+        labels_S, mask_S = process_labels(num_steps, -1, correct, finished)
+        mask_S[:num_steps] = 0.0
+        return labels_S, mask_S
     first_error = get_task(problem.task).check_steps(problem, tuple(step_texts))
-    return first_error_labels(len(step_texts), first_error, correct)
+    return process_labels(num_steps, first_error, correct, finished)
 
 
 def combine_labels(exact_S, exact_mask_S, mc_S, label_source: str):
@@ -184,7 +197,7 @@ def make_record(problem, source, prompt, response, tokenizer, *, orm, labels, va
         "source": source,
         "tokens": np.concatenate([np.asarray(prompt, np.int32), response_T]),
         "prompt_length": len(prompt),
-        "step_positions": len(prompt) + step_end_positions(response_T, tokenizer),
+        "step_positions": len(prompt) + prm_positions(response_T, tokenizer),
         "orm_label": np.float32(orm),
         "step_labels": np.asarray(labels, np.float32),
         "step_values": np.asarray(values, np.float32),
@@ -196,7 +209,7 @@ def label_response(problem: Problem, prompt, response, tokenizer) -> dict:
     """A sampled response's record, with its ORM label and exact step labels."""
     _, texts = response_steps(response, tokenizer)
     correct = outcome(problem, response_text(response, tokenizer))
-    labels_S, mask_S = exact_labels(problem, texts, correct > 0)
+    labels_S, mask_S = exact_labels(problem, texts, correct > 0, is_finished(response, tokenizer))
     return make_record(
         problem, "policy", prompt, response, tokenizer,
         orm=correct, labels=labels_S, values=labels_S, mask=mask_S,
@@ -220,7 +233,9 @@ def mc_step_values(
     values = [np.full((len(r["step_positions"]),), np.nan, np.float32) for r in records]
     for i, record in enumerate(records):
         for s, end in enumerate(record["step_positions"]):
-            if end + 1 + max_new_tokens <= max_len:
+            if end == len(record["tokens"]) - 1 and is_finished(record["tokens"], tokenizer):
+                values[i][s] = record["orm_label"]  # the answer step: nothing left to sample
+            elif end + 1 + max_new_tokens <= max_len:
                 prefixes.append(record["tokens"][: end + 1])
                 owners.append((i, s))
     if not prefixes:
@@ -237,6 +252,12 @@ def mc_step_values(
         ]
         values[i][s] = np.mean(wins)
     return values
+
+
+def is_finished(tokens, tokenizer) -> bool:
+    """Whether a response's tokens end with <|eot_id|> (it was not cut off)."""
+    tokens = np.asarray(tokens, np.int32).reshape(-1)
+    return bool(tokens.size and tokens[-1] == tokenizer.eot_id)
 
 
 def _strip(tokens, tokenizer) -> np.ndarray:
@@ -286,7 +307,9 @@ def trace_record(problem: Problem, tokenizer, source: str) -> dict:
     response = tokens[len(prompt) :]
     correct = outcome(problem, problem.response)
     num_steps = len(step_end_positions(response, tokenizer))
-    labels_S, mask_S = first_error_labels(num_steps, problem.first_error_step, correct > 0)
+    labels_S, mask_S = process_labels(
+        num_steps, problem.first_error_step, correct > 0, is_finished(response, tokenizer)
+    )
     return make_record(
         problem, source, prompt, response, tokenizer,
         orm=correct, labels=labels_S, values=labels_S, mask=mask_S,

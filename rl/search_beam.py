@@ -12,10 +12,10 @@ w of problem p). The prompt is prefilled once per problem and forked; after each
 survivors' caches (policy and PRM) are gathered and forked again, so no prefix is recomputed.
 All tensors keep fixed shapes, so every round reuses the same compiled programs.
 
-Scoring conventions: a finished beam keeps its score (no new step, no new evidence), and only
-its first finished child is kept, so beams do not fill up with copies of one thought prefix. A
-response with no scored step at all, or one cut at `max_new_tokens`, scores UNSCORED, below
-every scored beam, as `rl.search.prm_aggregate` ranks a stepless candidate last.
+Scoring conventions: a child that finishes adds its answer step, the PRM's probability at its
+<|eot_id|> (`rl.reward_model.prm_positions`), and then keeps its score; only the first finished
+child of a beam is kept, so beams do not fill up with copies of one thought prefix. A response
+cut at `max_new_tokens` has no answer step and scores UNSCORED, below every scored beam.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ class _Segments:
 
     tokens: list[list[int]]
     state_R: np.ndarray  # _LIVE (not expanded), _STEP, _EOT or _CUT
-    logit_R: np.ndarray  # PRM step logit where state is _STEP
+    logit_R: np.ndarray  # PRM logit of the step ended (_STEP) or of the answer step (_EOT)
     thoughts_R: np.ndarray
 
 
@@ -311,8 +311,9 @@ def _expand(policy, scorer, carry, beams, expanding_R, used_P, rng, config, ids)
             new = [int(t) for t in tokens_RxT[r, : lengths_R[r]]]
             seg.tokens[r] += new
             seg.thoughts_R[r] = ids.in_thoughts_after(bool(seg.thoughts_R[r]), new)
-            if done_R[r] and new[-1] == ids.eot:
+            if done_R[r] and new[-1] == ids.eot:  # the answer step: scored at <|eot_id|>
                 seg.state_R[r] = _EOT
+                seg.logit_R[r] = step_logits_RxT[r, lengths_R[r] - 1]
             elif done_R[r] and seg.thoughts_R[r]:  # stopped on a "\n" inside the thoughts
                 seg.state_R[r] = _STEP
                 seg.logit_R[r] = step_logits_RxT[r, lengths_R[r] - 1]
@@ -338,12 +339,12 @@ def _candidate_scores(beams: _Beams, seg: _Segments, expanding_PxW, config) -> n
             step = states == _STEP
             # log sigmoid, stable for large |logit|
             cand_PxWxC[p, w, step] = -np.logaddexp(0.0, -logit_PxWxC[p, w, step])
-            has_steps = bool(beams.steps[p][w])
             for end in (_EOT, _CUT):
                 first = np.flatnonzero(states == end)[:1]  # one finished child per kind
-                if first.size:
-                    scored = end == _EOT and has_steps
-                    cand_PxWxC[p, w, first] = 0.0 if scored else UNSCORED
+                if first.size and end == _EOT:  # its answer step's log probability
+                    cand_PxWxC[p, w, first] = -np.logaddexp(0.0, -logit_PxWxC[p, w, first])
+                elif first.size:
+                    cand_PxWxC[p, w, first] = UNSCORED
     return cand_PxWxC
 
 
@@ -372,9 +373,9 @@ def _select(beams: _Beams, seg: _Segments, cand_PxWxC, expanding_PxW, config):
             if expanding_PxW[p, w]:
                 tokens += seg.tokens[r]
                 thoughts = seg.thoughts_R[r]
-                if seg.state_R[r] == _STEP:
+                if seg.state_R[r] in (_STEP, _EOT):  # a thought step or the answer step
                     steps.append(float(1.0 / (1.0 + np.exp(-seg.logit_R[r]))))
-                else:
+                if seg.state_R[r] != _STEP:
                     state = seg.state_R[r]
             nxt.tokens[p].append(tokens)
             nxt.steps[p].append(steps)

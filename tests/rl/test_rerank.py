@@ -1,5 +1,6 @@
 """Rerank tables from hand-made candidates with known scores: each method picks what it should."""
 
+import dataclasses
 import types
 
 import numpy as np
@@ -152,3 +153,21 @@ def test_reward_scores_scores_every_candidate_once_in_order(monkeypatch, generat
     assert [[s.final for s in row] for row in scores] == [
         [float(len(g.tokens)) for g in row] for row in generations
     ]
+
+
+def test_a_cut_off_candidate_never_wins_a_prm_rerank():
+    # Cut off before its answer, the second candidate has only its (better) thought steps;
+    # the finished one also carries its answer step, so its product is lower.
+    problem = PROBLEMS[0]
+    finished = _generation(problem, "T", 2)
+    cut = dataclasses.replace(_generation(problem, None, 2), finished=False)
+    prm = [
+        [
+            ResponseScore(0.0, np.asarray([0.9, 0.9, 0.8], np.float32)),
+            ResponseScore(0.0, np.asarray([0.99, 0.99], np.float32)),
+        ]
+    ]
+    table = rerank.build_table([problem], [[finished, cut]], prm_scores=prm)
+    np.testing.assert_array_equal(table.prm_mask_PxNxS.sum(-1), [[3, 0]])
+    for name in ("prm_best_of_n_product", "prm_best_of_n_min", "prm_weighted_vote"):
+        np.testing.assert_array_equal(rerank.METHODS[name].select(table), [0])

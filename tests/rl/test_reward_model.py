@@ -15,7 +15,13 @@ from model import config as model_config
 from model import transformer
 from rl import reward_model
 from rl.generate import user_prompt_tokens
-from rl.reward_model import RewardModel, score_texts, score_tokens, step_end_positions
+from rl.reward_model import (
+    RewardModel,
+    prm_positions,
+    score_texts,
+    score_tokens,
+    step_end_positions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +131,33 @@ def test_score_tokens_reads_the_last_token_and_the_step_ends(problems, tokenizer
     for i, (prompt, response, score) in enumerate(zip(prompts, responses, scores, strict=True)):
         logits = reference[i, : len(rows[i])]
         ends = len(prompt) + step_end_positions(response, tokenizer)
+        if i != 3:  # a finished response: its <|eot_id|> is the answer step
+            ends = np.append(ends, len(rows[i]) - 1)
         # Batches of 2 at power-of-two widths give the same numbers.
         np.testing.assert_allclose(score.final, sigmoid(logits[-1]), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(score.steps, sigmoid(logits[ends]), rtol=1e-4, atol=1e-6)
-    assert [s.steps.size for s in scores] == [
-        len(step_end_positions(r, tokenizer)) for r in responses
-    ]
-    assert scores[3].steps.size == 0
+    # Each thought step, then the answer step; row 3 was cut before its first step ended.
+    expected = [len(problem.steps) + 1 for problem in problems[:5]]
+    expected[3] = 0
+    assert [s.steps.size for s in scores] == expected
+
+
+@pytest.mark.parametrize(
+    "text, eot, expected",
+    [
+        ("<|thoughts|>a\nb\n<|summary|>s\n", True, "ends + eot"),
+        ("<|thoughts|>a\nb\n<|summary|>s\n", False, "ends"),  # cut off: no answer step
+        ("Answer: 3", True, "eot"),  # no thought step, still an answer to judge
+        ("", False, "ends"),
+    ],
+)
+def test_prm_positions_add_the_answer_step_of_a_finished_response(tokenizer, text, eot, expected):
+    tokens = ids(text, tokenizer) + [tokenizer.eot_id] * eot
+    ends = step_end_positions(tokens, tokenizer)
+    want = {"ends + eot": [*ends, len(tokens) - 1], "ends": list(ends), "eot": [len(tokens) - 1]}
+    positions = prm_positions(tokens, tokenizer)
+    assert positions.dtype == np.int32 and positions.tolist() == want[expected]
+    assert prm_positions([None, "x"], tokenizer).size == 0  # never raises
 
 
 def test_score_texts_closes_responses_with_eot(problems, tokenizer, rm):
@@ -146,7 +172,7 @@ def test_score_texts_closes_responses_with_eot(problems, tokenizer, rm):
     )
     assert from_text.final == with_eot.final == from_tokens.final
     np.testing.assert_array_equal(from_text.steps, from_tokens.steps)
-    assert from_text.steps.size == len(problem.steps)
+    assert from_text.steps.size == len(problem.steps) + 1  # + the answer step
     assert 0.0 < from_text.final < 1.0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -53,20 +55,25 @@ def corrupted(problem, step: int):
 
 
 @pytest.mark.parametrize(
-    "num_steps, first_error, correct, labels, mask",
+    "num_steps, first_error, correct, finished, labels, mask",
     [
-        (4, -1, True, [1, 1, 1, 1], [1, 1, 1, 1]),
-        (4, 1, False, [1, 0, 1, 1], [1, 1, 0, 0]),
-        (4, 0, True, [0, 1, 1, 1], [1, 0, 0, 0]),
-        (4, 3, False, [1, 1, 1, 0], [1, 1, 1, 1]),
-        (4, -1, False, [1, 1, 1, 0], [1, 1, 1, 1]),  # steps fine, answer wrong: last is 0
-        (3, 3, False, [1, 1, 0], [1, 1, 1]),  # a missing step: the last present one takes it
-        (3, 3, True, [1, 1, 1], [1, 1, 1]),
-        (0, -1, False, [], []),
+        # Finished responses: the thought steps, then the answer step.
+        (4, -1, True, True, [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]),
+        (4, 1, False, True, [1, 0, 1, 1, 1], [1, 1, 0, 0, 0]),
+        (4, 0, True, True, [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]),
+        (4, 3, False, True, [1, 1, 1, 0, 1], [1, 1, 1, 1, 0]),
+        (4, -1, False, True, [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]),  # steps fine, answer wrong
+        (3, 3, True, True, [1, 1, 1, 0], [1, 1, 1, 1]),  # a step missing, the answer lucky
+        (3, 3, False, True, [1, 1, 1, 0], [1, 1, 1, 1]),
+        (0, 0, True, True, [0], [1]),  # no steps at all
+        # Cut off before the answer: no answer step, the last written step takes a wrong one.
+        (4, -1, False, False, [1, 1, 1, 0], [1, 1, 1, 1]),
+        (4, 2, False, False, [1, 1, 0, 1], [1, 1, 1, 0]),
+        (0, -1, False, False, [], []),
     ],
 )
-def test_first_error_labels(num_steps, first_error, correct, labels, mask):
-    got_labels, got_mask = rm_data.first_error_labels(num_steps, first_error, correct)
+def test_process_labels(num_steps, first_error, correct, finished, labels, mask):
+    got_labels, got_mask = rm_data.process_labels(num_steps, first_error, correct, finished)
     np.testing.assert_array_equal(got_labels, labels)
     np.testing.assert_array_equal(got_mask, mask)
 
@@ -82,8 +89,8 @@ def test_label_response_exact(addition, tokenizer):
     prompt = user_prompt_tokens(tokenizer, addition.prompt)
     clean = rm_data.label_response(addition, prompt, response_of(addition, tokenizer), tokenizer)
     assert clean["orm_label"] == 1.0 and clean["source"] == "policy"
-    np.testing.assert_array_equal(clean["step_labels"], [1, 1, 1, 1])
-    np.testing.assert_array_equal(clean["step_mask"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(clean["step_labels"], [1, 1, 1, 1, 1])  # + the answer step
+    np.testing.assert_array_equal(clean["step_mask"], [1, 1, 1, 1, 1])
     assert clean["response"] == fmt.render_assistant(fmt.problem_to_dialogue(addition).turns[-1])
 
     # A sampled response whose second step is wrong, judged against the clean problem.
@@ -91,15 +98,26 @@ def test_label_response_exact(addition, tokenizer):
         addition, prompt, response_of(corrupted(addition, 1), tokenizer), tokenizer
     )
     assert bad["orm_label"] == 0.0
-    np.testing.assert_array_equal(bad["step_labels"], [1, 0, 1, 1])
-    np.testing.assert_array_equal(bad["step_mask"], [1, 1, 0, 0])
+    np.testing.assert_array_equal(bad["step_labels"], [1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(bad["step_mask"], [1, 1, 0, 0, 0])
 
-    # Every step right, the answer line wrong: the last step takes the blame.
-    turn = fmt.Turn("assistant", "Answer: 1", fmt.problem_to_dialogue(addition).turns[-1].blocks)
-    tokens = tokenizer.encode(fmt.render_assistant(turn)) + [tokenizer.eot_id]
-    wrong_answer = rm_data.label_response(addition, prompt, tokens, tokenizer)
+    # Every step right, the answer line wrong: the answer step takes the blame.
+    blocks = fmt.problem_to_dialogue(addition).turns[-1].blocks
+    tokens = tokenizer.encode(fmt.render_assistant(fmt.Turn("assistant", "Answer: 1", blocks)))
+    wrong_answer = rm_data.label_response(addition, prompt, tokens + [tokenizer.eot_id], tokenizer)
     assert wrong_answer["orm_label"] == 0.0
-    np.testing.assert_array_equal(wrong_answer["step_labels"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(wrong_answer["step_labels"], [1, 1, 1, 1, 0])
+    assert wrong_answer["step_positions"][-1] == len(wrong_answer["tokens"]) - 1  # <|eot_id|>
+
+    # The last step missing, the answer still right: wrong where it turns to the answer.
+    last = blocks[-1]
+    short = [*blocks[:-1], dataclasses.replace(last, thoughts=last.thoughts[:-1])]
+    turn = fmt.Turn("assistant", fmt.problem_to_dialogue(addition).turns[-1].content, short)
+    tokens = tokenizer.encode(fmt.render_assistant(turn)) + [tokenizer.eot_id]
+    missing = rm_data.label_response(addition, prompt, tokens, tokenizer)
+    assert missing["orm_label"] == 1.0
+    np.testing.assert_array_equal(missing["step_labels"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(missing["step_mask"], [1, 1, 1, 1])
 
 
 def test_label_response_never_raises_on_garbage(addition, tokenizer):
@@ -115,13 +133,17 @@ def test_trace_records_label_from_the_known_first_error(addition, tokenizer):
     bad = rm_data.trace_record(corrupted(addition, 2), tokenizer, "corrupted")
     clean = rm_data.trace_record(addition, tokenizer, "clean")
     assert (bad["orm_label"], clean["orm_label"]) == (0.0, 1.0)
-    np.testing.assert_array_equal(bad["step_labels"], [1, 1, 0, 1])
-    np.testing.assert_array_equal(bad["step_mask"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(clean["step_labels"], [1, 1, 1, 1])
-    # Positions index the full tokens and agree with encode_dialogue's step_end mask.
+    np.testing.assert_array_equal(bad["step_labels"], [1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(bad["step_mask"], [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(clean["step_labels"], [1, 1, 1, 1, 1])
+    # Positions index the full tokens: encode_dialogue's step ends, then the closing
+    # <|eot_id|> (the answer step).
     encoded = fmt.encode_dialogue(fmt.problem_to_dialogue(addition), tokenizer)
     np.testing.assert_array_equal(clean["tokens"], encoded.tokens)
-    np.testing.assert_array_equal(clean["step_positions"], np.flatnonzero(encoded.step_end))
+    np.testing.assert_array_equal(
+        clean["step_positions"], [*np.flatnonzero(encoded.step_end), len(encoded.tokens) - 1]
+    )
+    assert clean["tokens"][-1] == tokenizer.eot_id
 
 
 def test_corrupted_pairs_find_the_clean_trace(problems, addition, tokenizer):
@@ -170,13 +192,16 @@ class RmConfig:
 @pytest.mark.parametrize(
     "source, labels, values, mask",
     [
-        # clean sample: MC rates .75 .5 .25 0; corrupted sample (error at step 1): exact 1 0 - -
-        ("mc", [[1, 1, 1, 0], [1, 1, 1, 0]], [[0.75, 0.5, 0.25, 0], [0.75, 0.5, 0.25, 0]],
-         [[1, 1, 1, 1], [1, 1, 1, 1]]),
-        ("both", [[1, 1, 1, 0], [1, 0, 1, 0]], [[0.75, 0.5, 0.25, 0], [0.75, 0, 0.25, 0]],
-         [[1, 1, 1, 1], [1, 1, 0, 0]]),
-        ("exact", [[1, 1, 1, 1], [1, 0, 1, 1]], [[1, 1, 1, 1], [1, 0, 1, 1]],
-         [[1, 1, 1, 1], [1, 1, 0, 0]]),
+        # clean sample: MC rates .75 .5 .25 0, answer step 1 (its outcome); corrupted sample
+        # (error at step 1): exact 1 0 - - -, answer step 0
+        ("mc", [[1, 1, 1, 0, 1], [1, 1, 1, 0, 0]],
+         [[0.75, 0.5, 0.25, 0, 1], [0.75, 0.5, 0.25, 0, 0]],
+         [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),
+        ("both", [[1, 1, 1, 0, 1], [1, 0, 1, 0, 0]],
+         [[0.75, 0.5, 0.25, 0, 1], [0.75, 0, 0.25, 0, 0]],
+         [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]),
+        ("exact", [[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]], [[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]],
+         [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]),
     ],
 )  # fmt: skip
 def test_policy_records_mc_labels_on_a_toy_policy(
@@ -211,11 +236,12 @@ def test_mc_skips_prefixes_that_do_not_fit(addition, tokenizer):
         [addition], [record], policy, tokenizer, rollouts=4, max_new_tokens=64,
         max_len=max_len, stream=1,
     )  # fmt: skip
-    np.testing.assert_allclose(values, [0.75, 0.5, np.nan, np.nan])
+    # The answer step needs no rollout: its value is the response's outcome.
+    np.testing.assert_allclose(values, [0.75, 0.5, np.nan, np.nan, 1.0])
     labels, _, mask = rm_data.combine_labels(
         record["step_labels"], record["step_mask"], values, "mc"
     )
-    np.testing.assert_array_equal(mask, [1, 1, 0, 0])
+    np.testing.assert_array_equal(mask, [1, 1, 0, 0, 1])
     np.testing.assert_array_equal(labels[:2], [1, 1])
 
 
@@ -283,8 +309,14 @@ def test_batches_put_targets_on_the_right_tokens(stored, tokenizer):
                 orm = np.flatnonzero(batch["orm_mask"][row, where])
                 assert orm.tolist() == [where.size - 1]
                 seen_orm.append(float(batch["orm_target"][row, where[-1]]))
+                # Step targets sit on thought step ends, and on the <|eot_id|> of a finished
+                # response (its answer step), which is then also the segment's last token.
                 ends = where[batch["step_end_mask"][row, where] > 0]
-                assert all(tokenizer.decode([tokens[e]]) == "\n" for e in ends)
+                assert all(tokenizer.decode([tokens[e]]) == "\n" for e in ends[:-1])
+                assert tokens[ends[-1]] == tokenizer.eot_id or (
+                    tokenizer.decode([tokens[ends[-1]]]) == "\n"
+                )
+                assert tokens[ends[-1]] != tokenizer.eot_id or ends[-1] == where[-1]
                 seen_steps.append(batch["step_target"][row, ends].tolist())
                 # The loss mask covers the response, which starts after the assistant header.
                 first = where[np.argmax(batch["loss_mask"][row, where] > 0)]

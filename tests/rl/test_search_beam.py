@@ -54,7 +54,8 @@ def bigram_params(tiny_cfg, tiny_params):
 
 @dataclasses.dataclass(frozen=True)
 class FakePrm:
-    """Step logit +2 when the step holds the favored token (A or B per prompt), else -2."""
+    """Step logit +2 when the step holds the favored token (A or B per prompt), else -2; the
+    answer step (<|eot_id|>) always +2."""
 
     def start(self, tokens_BxP, lengths_B, max_len):
         favored_B = np.where(np.asarray(tokens_BxP)[:, 0] == PREFER_A, A, B)
@@ -67,7 +68,7 @@ class FakePrm:
         for b, length in enumerate(np.asarray(lengths_B)):
             for t in range(length):
                 seen[b] |= tokens_BxT[b, t] == favored[b]
-                logits_BxT[b, t] = 2.0 if seen[b] else -2.0
+                logits_BxT[b, t] = 2.0 if seen[b] or tokens_BxT[b, t] == EOT else -2.0
                 if tokens_BxT[b, t] == NL:
                     seen[b] = False
         return {"favored": state["favored"], "seen": jnp.asarray(seen)}, jnp.asarray(logits_BxT)
@@ -95,8 +96,10 @@ def test_beam_search_returns_the_beam_the_prm_prefers(tiny_cfg, bigram_params):
         steps = _steps(result.tokens)
         assert result.finished and result.tokens[-1] == EOT
         assert steps and set(steps) == {favored}
-        np.testing.assert_allclose(result.step_probs, 1 / (1 + np.exp(-2.0)), rtol=1e-6)
-        assert result.score == pytest.approx(len(steps) * np.log(1 / (1 + np.exp(-2.0))))
+        # Each step holds the favored token (logit +2), and the answer step is scored too.
+        good = 1 / (1 + np.exp(-2.0))
+        np.testing.assert_allclose(result.step_probs, [good] * (len(steps) + 1), rtol=1e-6)
+        assert result.score == pytest.approx((len(steps) + 1) * np.log(good))
         assert result.tokens_used >= len(result.tokens)
 
 
@@ -193,7 +196,8 @@ def test_greedy_search_reproduces_greedy_decoding_and_prm_scores(tiny_cfg, tiny_
         .scores["reward"][0]
     )
     ends = [len(prompt) + i for i, t in enumerate(expected[:-1]) if t == newline]
-    assert len(ends) == len(result.step_probs) >= 1
+    ends.append(len(prompt) + len(expected) - 1)  # the answer step, at <|eot_id|>
+    assert len(ends) == len(result.step_probs) >= 2
     np.testing.assert_allclose(
         result.step_probs, jax.nn.sigmoid(rewards[jnp.array(ends)]), atol=1e-5
     )
