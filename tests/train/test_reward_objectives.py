@@ -16,6 +16,7 @@ from model import transformer
 from rl import reward_model, rm_data
 from tests.conftest import build_once, loop_on_one_device
 from train import evaluate
+from train.configs import rl as rl_configs
 from train.configs import rm
 from train.metrics import read_metrics
 from train.objectives import get_objective
@@ -164,6 +165,13 @@ def test_config_variants():
     assert rm.get_config().init_from == "workdirs/sft"
     with pytest.raises(ValueError, match="kind"):
         rm.get_config("kind=dpo")
+    # The search experiment's task by default; RL's task and difficulty for its dense reward.
+    assert list(rm.get_config().data.tasks) == ["multiplication"]
+    letters = rm.get_config("kind=prm,task=letter_count")
+    assert dict(letters.data.tasks["letter_count"].knobs) == rl_configs.KNOBS
+    assert rl_configs.get_config().rl.prm.stage == "rm.py:kind=prm,task=letter_count"
+    with pytest.raises(ValueError, match="task must be one of"):
+        rm.get_config("task=sorting")
     with pytest.raises(FileNotFoundError, match="init_from"):
         rm_data.policy_dir(rm.get_config("tiny"))
 
@@ -213,6 +221,7 @@ def test_reward_model_trains_on_the_shared_loop(rm_runs, tiny_run, kind):
     loaded = reward_model.load_reward_model(workdir)
     assert loaded.kind == kind
     (score,) = reward_model.score_texts(loaded, ["What is 4821 + 937?"], ["Answer: 5758"])
-    assert 0.0 < score.final < 1.0 and score.steps.size == 0
+    # No thought step: the answer step, at the closing <|eot_id|>, is the only one judged.
+    assert 0.0 < score.final < 1.0 and score.steps.tolist() == [score.final]
     with pytest.raises(ValueError, match="reward head"):
         reward_model.load_reward_model(tiny_run)
