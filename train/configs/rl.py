@@ -83,7 +83,7 @@ def get_config(arg: str | None = None):
     r.length_free_tokens = 128  # the length reward is 0 up to here, -1 at max_new_tokens
     r.prm = {
         "workdir": "{workdir}/../prm",
-        "stage": "rm.py:kind=prm",  # config that trains it when missing
+        "stage": "rm.py:kind=prm,task=letter_count",  # config that trains it when missing
         "baseline": 0.5,  # step reward (p - baseline) / steps
     }
     r.sft_stage = "sft.py"  # config that trains init_from when missing

@@ -2,20 +2,29 @@
 
     python -m train.main --config=rm.py:kind=orm --workdir=workdirs/orm
     python -m train.main --config=rm.py:kind=prm --workdir=workdirs/prm
+    python -m train.main --config=rm.py:kind=prm,task=letter_count --workdir=workdirs/rl/../prm
     python -m train.main --config=rm.py:kind=prm,tiny --workdir=/tmp/prm \\
         --config.init_from=/tmp/sft_tiny                                  # seconds, for tests
 
 The run starts from the SFT checkpoint in `init_from` (default: workdirs/sft) and adds a
 reward head. Before the first step it samples and labels its training data from that same
 checkpoint (rl.rm_data; cached in the workdir), so one command does everything given an
-SFT workdir. The defaults take ~12 minutes on a 2-core CPU, data included (README).
+SFT workdir. The defaults take ~6-7 minutes on a 2-core CPU, data included (README).
 
-The reward models learn the task the search experiment (rl.search_eval) and RL's dense
-reward use: letter counting on words of 3-12 letters. There the session-5 SFT policy's
-sampled pass@1 is ~41% while some sample is right on almost every word (pass@16 ~99%), so
-reranking has room, and majority voting gains little (~50% at N=64): sampled misspellings
-scatter the counts. Every sampled step is checkable (`s≠r 0` against the word), so exact
-step labels are exact.
+`task` picks what the reward models learn:
+
+  multiplication (default)  the search experiment's task (rl.search_eval): 3-digit x 2-digit
+      products, held out. Sampled at temperature 1, the session-13 SFT policy is right 54% of
+      the time (greedy: 96%) and some sample of 16 is right on 96% of the problems, so
+      reranking has room. A wrong partial product or carry almost always makes the product
+      wrong, so a trace's steps and its answer stand or fall together, as on MATH in "Let's
+      Verify Step by Step" (46% of the samples have every step right).
+  letter_count  RL's task and difficulty (rl.KNOBS), for RL's dense PRM reward (rl.py's
+      prm.stage). Here a sampled misspelling of a letter other than the asked one leaves
+      the count right, so many right answers hold a wrong step, and a PRM ranks answers
+      worse than an ORM (README).
+
+Every step of both tasks is checkable, so exact step labels are exact.
 """
 
 from __future__ import annotations
@@ -27,27 +36,35 @@ from train.configs import rl, sft
 from train.configs.common import base_config, parse_arg
 
 KINDS = ("orm", "prm")
+# task -> its knobs, the longest response it needs, and packed row length (~2-4 responses).
+TASKS = {
+    "multiplication": {"knobs": {}, "max_new_tokens": 320, "seq_len": 576},
+    "letter_count": {"knobs": rl.KNOBS, "max_new_tokens": 160, "seq_len": 448},
+}
 
 
 def get_config(arg: str | None = None):
-    """Returns the reward-model config; variants: `kind=orm|prm`, `tiny`."""
-    arg = parse_arg(arg, kind="orm", tiny=False)
+    """Returns the reward-model config; variants: `kind=orm|prm`, `task=...`, `tiny`."""
+    arg = parse_arg(arg, kind="orm", task="multiplication", tiny=False)
     if arg.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {arg.kind!r}")
+    if arg.task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {arg.task!r}")
+    task = TASKS[arg.task]
 
     c = base_config()
     c.objective = arg.kind
     c.init_from = "workdirs/sft"  # the SFT run: initial weights, tokenizer and sampling policy
-    # RL's task and difficulty (rl.TASK, rl.KNOBS). Words belong to a split by a hash of
-    # their spelling, so these validation and test words were never in the SFT run's train
-    # split either. The test split is rl.search_eval's held-out problems.
+    # One task (above). Its test split is rl.search_eval's held-out problems: rl.search_eval
+    # drops any whose prompt is in the SFT run's train split (words belong to a split by a
+    # hash of their spelling anyway).
     c.data = default_data_config()
-    c.data.tasks = {rl.TASK: {"weight": 1.0, "knobs": rl.KNOBS}}
+    c.data.tasks = {arg.task: {"weight": 1.0, "knobs": task["knobs"]}}
     c.data.train_size = 2000
     c.data.validation_size = 64
     c.data.test_size = 64
     c.data.corrupted_size = 1000  # corrupted_validation gets as many per problem: 32
-    c.data.seq_len = 448  # rows are packed, ~4 responses each
+    c.data.seq_len = task["seq_len"]  # rows are packed
 
     c.rm_data = ml_collections.ConfigDict(
         {
@@ -56,7 +73,7 @@ def get_config(arg: str | None = None):
             "temperature": 1.0,
             "top_k": 0,
             "top_p": 1.0,
-            "max_new_tokens": 144,  # per sample and per MC completion; as rl.py
+            "max_new_tokens": task["max_new_tokens"],  # per sample and per MC completion
             "label_source": "exact",  # exact | mc | both (rl.rm_data)
             "mc_rollouts": 4,  # completions per step for mc/both
             "corrupted_share": 0.25,  # corrupted traces per policy sample (each + its clean)
