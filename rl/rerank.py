@@ -36,12 +36,21 @@ class CandidateTable:
     orm_PxN: np.ndarray | None = None  # ORM probability of each candidate
     prm_probs_PxNxS: np.ndarray | None = None  # PRM probability of each step
     prm_mask_PxNxS: np.ndarray | None = None  # 1 where a step exists
+    # bool: passes the format check (data.format.parse_assistant: no problem, an Answer line);
+    # None: every candidate is eligible
+    well_formed_PxN: np.ndarray | None = None
 
     def __post_init__(self):
         shape = np.shape(self.correct_PxN)
         if len(shape) != 2 or [len(row) for row in self.answers] != [shape[1]] * shape[0]:
             raise ValueError(f"answers must be a [P][N] table matching correct_PxN {shape}")
-        for name in ("lengths_PxN", "orm_PxN", "prm_probs_PxNxS", "prm_mask_PxNxS"):
+        for name in (
+            "lengths_PxN",
+            "orm_PxN",
+            "prm_probs_PxNxS",
+            "prm_mask_PxNxS",
+            "well_formed_PxN",
+        ):
             value = getattr(self, name)
             if value is not None and np.shape(value)[:2] != shape:
                 raise ValueError(f"{name} has shape {np.shape(value)}, expected {shape} first")
@@ -66,7 +75,16 @@ class CandidateTable:
             orm_PxN=sub(self.orm_PxN),
             prm_probs_PxNxS=sub(self.prm_probs_PxNxS),
             prm_mask_PxNxS=sub(self.prm_mask_PxNxS),
+            well_formed_PxN=sub(self.well_formed_PxN),
         )
+
+    def eligible_PxN(self) -> np.ndarray:
+        """Candidates a method may choose: the well-formed ones, or all of a problem's
+        candidates when none of them is."""
+        if self.well_formed_PxN is None:
+            return np.ones(np.shape(self.correct_PxN), bool)
+        well_formed_PxN = np.asarray(self.well_formed_PxN, bool)
+        return well_formed_PxN | ~well_formed_PxN.any(axis=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- building
@@ -125,11 +143,24 @@ def build_table(
     *,
     orm_scores=None,
     prm_scores=None,
+    format_check: bool = False,
 ) -> CandidateTable:
-    """The table of sampled candidates; scores are `ResponseScore`s [P][N] (see reward_scores)."""
+    """The table of sampled candidates; scores are `ResponseScore`s [P][N] (see reward_scores).
+
+    With `format_check`, every method chooses among the well-formed candidates of a problem
+    (a closed thinking block and an `Answer:` line), if it has any. A sampled response that
+    breaks the format (a stray marker inside the thoughts, say) hides its steps from the
+    step parser, so a reward model judges it on what little it can see; at large N some such
+    response outscores every well-formed one. The check needs no model, and voting gets it too.
+    """
     if len(problems) != len(generations):
         raise ValueError(f"{len(problems)} problems but {len(generations)} candidate lists")
     judged = [[judge(p, g.text) for g in row] for p, row in zip(problems, generations, strict=True)]
+    well_formed = None
+    if format_check:
+        well_formed = np.array(
+            [[is_well_formed(g.text) for g in row] for row in generations], bool
+        ).reshape(len(problems), -1)
     probs, mask = (None, None)
     if prm_scores is not None:
         probs, mask = search.pad_steps([[s.steps for s in row] for row in prm_scores])
@@ -151,7 +182,14 @@ def build_table(
         else np.array([[s.final for s in row] for row in orm_scores], np.float32),
         prm_probs_PxNxS=probs,
         prm_mask_PxNxS=mask,
+        well_formed_PxN=well_formed,
     )
+
+
+def is_well_formed(text: str) -> bool:
+    """The format check: parse_assistant finds no problem and an `Answer:` line; never raises."""
+    parsed = parse_assistant(text)
+    return not parsed.malformed and parsed.answer is not None
 
 
 # ----------------------------------------------------------------------------- methods
@@ -165,8 +203,39 @@ def _first_with(answers: Sequence[Sequence[str | None]], chosen: Sequence[str | 
 
 
 def _prm_score(table: CandidateTable, how: str) -> np.ndarray:
-    """PRM candidate scores [P, N] by `how` ("product" or "min")."""
-    return np.asarray(search.prm_aggregate(table.prm_probs_PxNxS, table.prm_mask_PxNxS, how))
+    """PRM candidate scores [P, N] by `how` ("product" or "min"); 0 where not eligible."""
+    scores_PxN = search.prm_aggregate(table.prm_probs_PxNxS, table.prm_mask_PxNxS, how)
+    return np.where(table.eligible_PxN(), np.asarray(scores_PxN), 0.0)
+
+
+def _orm_score(table: CandidateTable) -> np.ndarray:
+    """ORM probabilities [P, N]; 0 where not eligible."""
+    return np.where(table.eligible_PxN(), np.asarray(table.orm_PxN), 0.0)
+
+
+def _answers(table: CandidateTable) -> list[list[str | None]]:
+    """Parsed answers, None where not eligible (no vote)."""
+    eligible_PxN = table.eligible_PxN()
+    return [
+        [answer if ok else None for answer, ok in zip(row, eligible_N, strict=True)]
+        for row, eligible_N in zip(table.answers, eligible_PxN, strict=True)
+    ]
+
+
+def _best(scores_PxN: np.ndarray, table: CandidateTable) -> np.ndarray:
+    """Best-of-N among the eligible candidates."""
+    return np.asarray(search.best_of_n(np.where(table.eligible_PxN(), scores_PxN, -np.inf)))
+
+
+def _vote(table: CandidateTable, weights_PxN: np.ndarray | None = None) -> np.ndarray:
+    """The first candidate holding the (weighted) vote's answer among eligible candidates."""
+    answers = _answers(table)
+    chosen = (
+        search.majority_vote(answers)
+        if weights_PxN is None
+        else search.weighted_vote(answers, weights_PxN)
+    )
+    return _first_with(answers, chosen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,21 +247,12 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "majority_vote": Method("", lambda t: _first_with(t.answers, search.majority_vote(t.answers))),
-    "orm_best_of_n": Method("orm", lambda t: np.asarray(search.best_of_n(t.orm_PxN))),
-    "prm_best_of_n_product": Method(
-        "prm", lambda t: np.asarray(search.best_of_n(_prm_score(t, "product")))
-    ),
-    "prm_best_of_n_min": Method(
-        "prm", lambda t: np.asarray(search.best_of_n(_prm_score(t, "min")))
-    ),
-    "orm_weighted_vote": Method(
-        "orm", lambda t: _first_with(t.answers, search.weighted_vote(t.answers, t.orm_PxN))
-    ),
-    "prm_weighted_vote": Method(
-        "prm",
-        lambda t: _first_with(t.answers, search.weighted_vote(t.answers, _prm_score(t, "product"))),
-    ),
+    "majority_vote": Method("", _vote),
+    "orm_best_of_n": Method("orm", lambda t: _best(_orm_score(t), t)),
+    "prm_best_of_n_product": Method("prm", lambda t: _best(_prm_score(t, "product"), t)),
+    "prm_best_of_n_min": Method("prm", lambda t: _best(_prm_score(t, "min"), t)),
+    "orm_weighted_vote": Method("orm", lambda t: _vote(t, _orm_score(t))),
+    "prm_weighted_vote": Method("prm", lambda t: _vote(t, _prm_score(t, "product"))),
 }
 
 

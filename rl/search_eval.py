@@ -155,6 +155,7 @@ def experiment(
     seed: int,
     beam_configs: list[BeamConfig] = (),
     beam_batch_size: int = 4,
+    format_check: bool = True,
 ) -> dict:
     """Samples, scores and selects; returns the search_eval.json dict (without its config)."""
     generations = rerank.sample_candidates(
@@ -175,13 +176,20 @@ def experiment(
         for kind, rm in (("orm", orm), ("prm", prm))
     }
     table = rerank.build_table(
-        problems, generations, orm_scores=scores["orm"], prm_scores=scores["prm"]
+        problems,
+        generations,
+        orm_scores=scores["orm"],
+        prm_scores=scores["prm"],
+        format_check=format_check,
     )
     mean_sample_tokens = float(table.lengths_PxN.mean())
     return {
         "num_problems": len(problems),
         "pool_size": max_n,
         "pass@1": float(table.correct_PxN.mean()),
+        "well_formed": None
+        if table.well_formed_PxN is None
+        else float(np.mean(table.well_formed_PxN)),
         "per_task_pass@1": per_task_pass_at_1(problems, table),
         "mean_sample_tokens": mean_sample_tokens,
         "methods": rerank.accuracy_curves(table, n_values(max_n), num_draws=num_draws, seed=seed),
@@ -318,6 +326,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 4, "Problems per sampler call (x max_n rows).")
     flags.DEFINE_integer("rm_batch_size", 32, "Responses per reward-model call.")
     flags.DEFINE_integer("num_draws", 32, "Random subsets averaged per N.")
+    flags.DEFINE_bool(
+        "format_check", True, "Every method chooses among well-formed candidates (if any)."
+    )
     flags.DEFINE_list("beam_widths", [], "Beam search widths to run (needs --prm).")
     flags.DEFINE_integer("beam_candidates", 4, "Continuations per beam and round.")
     flags.DEFINE_integer("beam_step_tokens", 32, "Tokens per decode call.")
@@ -379,6 +390,7 @@ def main(argv):
         seed=args.seed,
         beam_configs=beam_configs,
         beam_batch_size=args.beam_batch_size,
+        format_check=args.format_check,
     )
     settings = {name: args[name].value for name in _RECORDED_FLAGS}
     result = {
@@ -417,6 +429,7 @@ _RECORDED_FLAGS = (
     "knobs",
     "seed",
     "num_draws",
+    "format_check",
     "beam_widths",
     "beam_candidates",
     "beam_step_tokens",

@@ -171,3 +171,27 @@ def test_a_cut_off_candidate_never_wins_a_prm_rerank():
     np.testing.assert_array_equal(table.prm_mask_PxNxS.sum(-1), [[3, 0]])
     for name in ("prm_best_of_n_product", "prm_best_of_n_min", "prm_weighted_vote"):
         np.testing.assert_array_equal(rerank.METHODS[name].select(table), [0])
+
+
+def test_format_check_leaves_malformed_candidates_out_when_a_well_formed_one_exists():
+    problem = PROBLEMS[0]
+    right = _generation(problem, "T", 2)
+    # A stray marker inside the thoughts: it parses to the same wrong answer twice.
+    broken_text = _text(problem, WRONG, 2).replace("step 1", "<|headline|>step 1")
+    broken = dataclasses.replace(_generation(problem, WRONG, 2), text=broken_text)
+    assert rerank.is_well_formed(right.text) and not rerank.is_well_formed(broken_text)
+    candidates = [[broken, broken, right]]
+    orm = [[ResponseScore(score, np.zeros(0)) for score in (0.9, 0.9, 0.4)]]
+    prm = [[ResponseScore(0.0, np.asarray(s, np.float32)) for s in ([0.9], [0.9], [0.5])]]
+    plain = rerank.build_table([problem], candidates, orm_scores=orm, prm_scores=prm)
+    checked = rerank.build_table(
+        [problem], candidates, orm_scores=orm, prm_scores=prm, format_check=True
+    )
+    np.testing.assert_array_equal(checked.well_formed_PxN, [[False, False, True]])
+    for name in rerank.METHODS:
+        assert rerank.method_accuracy(plain, name) == 0.0, name
+        assert rerank.method_accuracy(checked, name) == 1.0, name
+    # With no well-formed candidate at all, every candidate stays eligible.
+    only_broken = checked.take(np.array([[0, 1]]))
+    np.testing.assert_array_equal(only_broken.eligible_PxN(), [[True, True]])
+    assert rerank.METHODS["majority_vote"].select(only_broken).tolist() == [0]
