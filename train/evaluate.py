@@ -153,11 +153,13 @@ def scalar_summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
 
-def write_eval(workdir: epath.PathLike, result: dict, step: int) -> None:
-    """Writes `workdir/eval.json` (a local path or gs://) so a reader never sees half a file."""
-    path = epath.Path(workdir) / EVAL_FILE
+def write_eval(workdir: epath.PathLike, result: dict, step: int, *, name: str = EVAL_FILE) -> None:
+    """Writes `workdir/name` (a local path or gs://) so a reader never sees half a file."""
+    if not name or "/" in name:
+        raise ValueError(f"the eval file name must be a plain file name, got {name!r}")
+    path = epath.Path(workdir) / name
     # Local files are renamed into place; a cloud object appears whole anyway.
-    tmp = path.with_name(f"{EVAL_FILE}.tmp")
+    tmp = path.with_name(f"{name}.tmp")
     tmp.write_text(json.dumps({"step": step, **result}, indent=2))
     tmp.replace(path)
 
@@ -295,7 +297,7 @@ def make_reward_evaluation(config, prepared, model_cfg, model) -> EvalFn:
 
 
 def main(argv):
-    """Evaluates the newest checkpoint of --workdir and writes eval.json."""
+    """Evaluates the newest checkpoint of --workdir and writes eval.json (or --out_name)."""
     del argv
     from data.build import prepare
     from model.transformer import Transformer
@@ -309,12 +311,18 @@ def main(argv):
         config.eval.split = args.split
     if args.num_problems is not None:
         config.eval.num_problems = args.num_problems
+    if args.test_size is not None:
+        # A larger held-out split for tighter error bars: each task's problems come from
+        # its own stream seeded by (seed, task, split), so the run's own test problems
+        # come first, and problems whose prompt is in the train split are still dropped.
+        # The data is built beside the run's (another builder config); its tokenizer stays.
+        config.data.test_size = args.test_size
     objective = get_objective(config.objective)
     prepared = prepare(config.data, args.workdir)
     model = Transformer(run.model_cfg, heads=objective.heads)
     eval_fn = make_evaluation(objective.evaluation, config, prepared, run.model_cfg, model)
     result = eval_fn(run.params, run.step)
-    write_eval(args.workdir, result, run.step)
+    write_eval(args.workdir, result, run.step, name=args.out_name)
     print(json.dumps(scalar_summary(result), indent=1))
 
 
@@ -323,4 +331,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A train.main workdir.", required=True)
     flags.DEFINE_string("split", None, "Split to evaluate (default: the run's eval.split).")
     flags.DEFINE_integer("num_problems", None, "Problems to evaluate (0: all).")
+    flags.DEFINE_integer(
+        "test_size", None, "Build the test split with this many problems (default: the run's)."
+    )
+    flags.DEFINE_string("out_name", EVAL_FILE, "File in --workdir the result is written to.")
     app.run(main)

@@ -55,6 +55,19 @@ def test_evaluate_cli_rewrites_eval_json(tiny_run, tmp_path):
     assert result["step"] == 6 and result["num_problems"] == 4
     assert "accuracy" in proc.stdout
 
+    # A larger held-out split, written beside the run's eval.json, which stays as it was.
+    run_cli(
+        "train.evaluate",
+        f"--workdir={workdir}",
+        "--test_size=12",
+        "--num_problems=0",
+        "--out_name=eval_test12.json",
+    )
+    with open(workdir / "eval_test12.json") as f:
+        assert json.load(f)["num_problems"] == 12
+    with open(workdir / "eval.json") as f:
+        assert json.load(f) == result
+
 
 def test_sample_cli_prompts_file(tiny_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
