@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import common
-from model.config import ModelConfig, get_preset
+from model.config import PRESETS, ModelConfig, get_preset
 from model.sampler import choose_tokens, sample
 from model.transformer import Transformer, init_params
 
@@ -277,12 +277,21 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def bench_model(name: str) -> ModelConfig:
+    """A model preset, or the model shape a train.main workdir recorded (random weights)."""
+    if name in PRESETS:
+        return get_preset(name)
+    from train.workdir import model_config_of, read_config
+
+    return model_config_of(read_config(name))
+
+
 def run(settings: Settings) -> dict[str, Any]:
     """Measures every case; returns the results (cases, summary, bandwidth)."""
     longest = max(settings.prompt_lens) + max(settings.new_tokens)
-    preset = get_preset(settings.model)
-    cfg = get_preset(
-        settings.model,
+    preset = bench_model(settings.model)
+    cfg = dataclasses.replace(
+        preset,
         max_seq_len=max(preset.max_seq_len, longest),
         num_kv_heads=settings.num_kv_heads or preset.num_kv_heads,
     )
@@ -331,10 +340,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     common.define_common_flags()
-    flags.DEFINE_string("model", "small", "Model preset (random init).")
-    flags.DEFINE_integer(
-        "num_kv_heads", 0, "KV heads (0: the preset's; the SFT config's small model has 6)."
+    flags.DEFINE_string(
+        "model", "small", "Model preset, or a train.main workdir whose model shape to use."
     )
+    flags.DEFINE_integer("num_kv_heads", 0, "KV heads (0: the model's).")
     flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Rows decoded together.")
     flags.DEFINE_list("prompt_lens", ["32", "128"], "Prompt tokens per row (powers of two).")
     flags.DEFINE_list("new_tokens", ["64", "256"], "Tokens generated per row.")
