@@ -9,7 +9,7 @@
 The run starts from the SFT checkpoint in `init_from` (default: workdirs/sft) and adds a
 reward head. Before the first step it samples and labels its training data from that same
 checkpoint (rl.rm_data; cached in the workdir), so one command does everything given an
-SFT workdir. The defaults take ~6-7 minutes on a 2-core CPU, data included (README).
+SFT workdir. The PRM took 7.5 minutes on a 2-core CPU, data included (README).
 
 `task` picks what the reward models learn:
 
