@@ -6,10 +6,12 @@
 
 Samples `max_n` candidates per problem once, scores them with the ORM and the PRM, and draws
 the accuracy of every selection method (rl.rerank) at N = 1, 2, 4, ..., max_n from random
-subsets of that pool, with the oracle pass@N above them. Beam search (rl.search_beam), at each
-of `--beam_widths`, is placed at its equivalent N: the tokens it sampled per problem divided
-by the mean length of one sample. Writes `search_eval.json` and `search_eval.png` into --out
-(default: the policy workdir) and prints a table.
+subsets of that pool, with the oracle pass@N above them. With `--format_check` (on), every
+method, voting included, chooses among a problem's well-formed candidates if it has any.
+Beam search (rl.search_beam), at each of `--beam_widths`, is placed at its equivalent N: the
+tokens it sampled per problem divided by the mean length of one sample. Writes
+`search_eval.json` and `search_eval.png` into --out (default: the policy workdir) and prints
+a table.
 
 Reranking needs room: the policy's pass@1 should be well inside (0, 1), ideally 30-70%. Pick
 the difficulty with `--tasks`/`--knobs` (fresh test-split problems, prompts seen in training
