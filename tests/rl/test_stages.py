@@ -79,7 +79,7 @@ def test_missing_sft_and_prm_are_built_in_order(tmp_path, runs, capsys):
     config = rl_configs.get_config("tiny,reward=outcome_prm")
     workdir = str(tmp_path / "rl")
     stages.ensure_stages(config, workdir)
-    sft, prm = str(tmp_path / "sft_tiny"), str(tmp_path / "prm")
+    sft, prm = str(tmp_path / "sft_tiny"), str(tmp_path / "prm_letter_count")
     assert config.init_from == sft and config.rl.prm.workdir == prm
     assert runs == [("sft", "", sft), ("prm", sft, prm)]
     out = capsys.readouterr().out

@@ -82,7 +82,7 @@ def get_config(arg: str | None = None):
     r.rewards = {"outcome": 1.0, "format": 0.2, "length": 0.0, "prm": 0.0}
     r.length_free_tokens = 128  # the length reward is 0 up to here, -1 at max_new_tokens
     r.prm = {
-        "workdir": "{workdir}/../prm",
+        "workdir": "{workdir}/../prm_letter_count",  # not ../prm: rm.py's default task differs
         "stage": "rm.py:kind=prm,task=letter_count",  # config that trains it when missing
         "baseline": 0.5,  # step reward (p - baseline) / steps
     }

@@ -2,7 +2,8 @@
 
     python -m train.main --config=rm.py:kind=orm --workdir=workdirs/orm
     python -m train.main --config=rm.py:kind=prm --workdir=workdirs/prm
-    python -m train.main --config=rm.py:kind=prm,task=letter_count --workdir=workdirs/rl/../prm
+    python -m train.main --config=rm.py:kind=prm,task=letter_count \\
+        --workdir=workdirs/prm_letter_count                               # rl.py's PRM
     python -m train.main --config=rm.py:kind=prm,tiny --workdir=/tmp/prm \\
         --config.init_from=/tmp/sft_tiny                                  # seconds, for tests
 
