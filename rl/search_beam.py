@@ -339,12 +339,10 @@ def _candidate_scores(beams: _Beams, seg: _Segments, expanding_PxW, config) -> n
             step = states == _STEP
             # log sigmoid, stable for large |logit|
             cand_PxWxC[p, w, step] = -np.logaddexp(0.0, -logit_PxWxC[p, w, step])
-            for end in (_EOT, _CUT):
-                first = np.flatnonzero(states == end)[:1]  # one finished child per kind
-                if first.size and end == _EOT:  # its answer step's log probability
-                    cand_PxWxC[p, w, first] = -np.logaddexp(0.0, -logit_PxWxC[p, w, first])
-                elif first.size:
-                    cand_PxWxC[p, w, first] = UNSCORED
+            # One finished child per kind: a finished one adds its answer step, a cut one has none.
+            eot = np.flatnonzero(states == _EOT)[:1]
+            cand_PxWxC[p, w, eot] = -np.logaddexp(0.0, -logit_PxWxC[p, w, eot])
+            cand_PxWxC[p, w, np.flatnonzero(states == _CUT)[:1]] = UNSCORED
     return cand_PxWxC
 
 
