@@ -187,9 +187,21 @@ def build_table(
 
 
 def is_well_formed(text: str) -> bool:
-    """The format check: parse_assistant finds no problem and an `Answer:` line; never raises."""
+    """The format check: parse_assistant finds no problem, an `Answer:` line, and thoughts in
+    every thinking block; never raises.
+
+    parse_assistant accepts a block without thoughts, as a redacted earlier turn has, but in
+    a freshly sampled response it means the headline ran into the steps (no <|thoughts|>
+    marker): a step parser finds nothing to judge there, and a PRM's product over almost no
+    steps put such responses among the top picks at N=64 (0.4% of the multiplication
+    samples, none of them right).
+    """
     parsed = parse_assistant(text)
-    return not parsed.malformed and parsed.answer is not None
+    return (
+        not parsed.malformed
+        and parsed.answer is not None
+        and all(block.thoughts for block in parsed.turn.blocks)
+    )
 
 
 # ----------------------------------------------------------------------------- methods

@@ -6,6 +6,7 @@ import types
 import numpy as np
 import pytest
 
+from data.format import parse_assistant
 from data.tasks import get_task
 from rl import rerank
 from rl.generate import Generation
@@ -180,6 +181,10 @@ def test_format_check_leaves_malformed_candidates_out_when_a_well_formed_one_exi
     broken_text = _text(problem, WRONG, 2).replace("step 1", "<|headline|>step 1")
     broken = dataclasses.replace(_generation(problem, WRONG, 2), text=broken_text)
     assert rerank.is_well_formed(right.text) and not rerank.is_well_formed(broken_text)
+    # A headline that runs into the steps: a block without thoughts in a fresh response.
+    run_on = right.text.replace("Add\n<|thoughts|>", "Add ")
+    assert parse_assistant(run_on).answer is not None and not parse_assistant(run_on).malformed
+    assert not rerank.is_well_formed(run_on)
     candidates = [[broken, broken, right]]
     orm = [[ResponseScore(score, np.zeros(0)) for score in (0.9, 0.9, 0.4)]]
     prm = [[ResponseScore(0.0, np.asarray(s, np.float32)) for s in ([0.9], [0.9], [0.5])]]
