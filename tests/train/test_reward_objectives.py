@@ -69,18 +69,27 @@ def bce(logits, targets) -> np.ndarray:
     "kind, target, mask",
     [("orm", "orm_target", "orm_mask"), ("prm", "step_target", "step_end_mask")],
 )
-def test_loss_is_bce_at_the_marked_tokens(model_and_params, kind, target, mask):
+@pytest.mark.parametrize("negative_weight", [1.0, 5.0])
+def test_loss_is_bce_at_the_marked_tokens(model_and_params, kind, target, mask, negative_weight):
     cfg, model, params = model_and_params
     batch = toy_batch()
-    loss_fn = get_objective(kind).make_loss(rm.get_config(f"kind={kind}"), model)
+    config = rm.get_config(f"kind={kind}")
+    config.loss.negative_weight = negative_weight
+    loss_fn = get_objective(kind).make_loss(config, model)
     loss, metrics = loss_fn(params, batch, jax.random.PRNGKey(0))
     # Reference logits through the scoring API (positions derived from the segments).
     logits = np.asarray(
         reward_model.reward_logits(params, cfg, batch["inputs"], batch["segment_ids"])
     )
     marked = batch[mask] > 0
-    expected = bce(logits[marked], batch[target][marked]).mean()
-    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    targets = batch[target][marked]
+    assert 0 < targets.mean() < 1, "the toy batch needs right and wrong labels"
+    per_label = bce(logits[marked], targets)
+    weights = targets + (1.0 - targets) * negative_weight  # a wrong label weighs more
+    np.testing.assert_allclose(
+        float(loss), np.sum(weights * per_label) / np.sum(weights), rtol=1e-5
+    )
+    np.testing.assert_allclose(float(metrics["bce"]), per_label.mean(), rtol=1e-5)
     right = (logits[marked] > 0) == (batch[target][marked] >= 0.5)
     np.testing.assert_allclose(float(metrics["accuracy"]), right.mean(), rtol=1e-6)
     assert float(metrics["labelled"]) == marked.sum()
