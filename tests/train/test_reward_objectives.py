@@ -96,6 +96,16 @@ def test_loss_is_bce_at_the_marked_tokens(model_and_params, kind, target, mask, 
     assert get_objective(kind).heads == ("reward",) and get_objective(kind).batches == "rm"
 
 
+@pytest.mark.parametrize("weight", [0.0, -1.0, "10"])
+def test_a_bad_negative_weight_is_refused_by_name(model_and_params, weight):
+    _, model, _ = model_and_params
+    config = rm.get_config("kind=prm")
+    with config.ignore_type():
+        config.loss.negative_weight = weight
+    with pytest.raises(ValueError, match="loss.negative_weight must be a number > 0"):
+        get_objective("prm").make_loss(config, model)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

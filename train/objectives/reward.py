@@ -42,9 +42,10 @@ def marked_bce(
 
     A label of 1 weighs 1 and a label of 0 weighs `negative_weight` (a soft target t weighs
     t + (1 - t) * negative_weight). Wrong steps are rare in a good policy's samples (3% of
-    the labelled steps of the SFT model's multiplication traces), and at weight 1 the PRM
-    settled on that prior: its loss stayed at the entropy of the label rate. The metrics
-    (`bce` included) are unweighted, so runs with different weights compare.
+    the labelled steps of the session-13 SFT model's multiplication traces), and at weight 1
+    the PRM's loss stayed near the entropy of that rate; a weight of 10 did not make it a
+    better ranker though (README). The metrics (`bce` included) are unweighted, so runs with
+    different weights compare.
     """
     mask_BxL = mask_BxL.astype(jnp.float32)
     bce_BxL = optax.sigmoid_binary_cross_entropy(logits_BxL, targets_BxL)
@@ -61,10 +62,20 @@ def marked_bce(
     return loss, metrics
 
 
+def negative_weight_of(config: ml_collections.ConfigDict) -> float:
+    """`config.loss.negative_weight`, checked to be a positive number."""
+    weight = config.loss.negative_weight
+    if not isinstance(weight, int | float) or not weight > 0:
+        raise ValueError(
+            f"loss.negative_weight must be a number > 0 (1: plain BCE), got {weight!r}"
+        )
+    return float(weight)
+
+
 @register("orm", heads=("reward",), batches="rm", evaluation="reward")
 def make_orm_loss(config: ml_collections.ConfigDict, model):
     """Outcome reward model: BCE at each response's last token."""
-    negative_weight = config.loss.negative_weight
+    negative_weight = negative_weight_of(config)
 
     def loss_fn(params, batch, rng):
         del rng  # deterministic
@@ -77,7 +88,7 @@ def make_orm_loss(config: ml_collections.ConfigDict, model):
 @register("prm", heads=("reward",), batches="rm", evaluation="reward")
 def make_prm_loss(config: ml_collections.ConfigDict, model):
     """Process reward model: BCE (hard or soft targets) at each labelled step end."""
-    negative_weight = config.loss.negative_weight
+    negative_weight = negative_weight_of(config)
 
     def loss_fn(params, batch, rng):
         del rng  # deterministic
