@@ -103,6 +103,21 @@ class ParsedResponse:
     problems: tuple[str, ...]  # human-readable reasons, in the order they were found
     complete_blocks: int  # blocks closed with headline and summary, markers in order
 
+    @property
+    def well_formed(self) -> bool:
+        """A fresh response in the format: nothing wrong, an `Answer:` line, and thoughts in
+        every thinking block.
+
+        A redacted earlier turn has blocks without thoughts, so the parser accepts them, but
+        in a freshly sampled response an empty block means the headline ran into the steps
+        (no <|thoughts|> marker), and a step parser finds nothing to judge.
+        """
+        return (
+            not self.malformed
+            and self.answer is not None
+            and all(block.thoughts for block in self.turn.blocks)
+        )
+
 
 # The float32 masks of an EncodedDialogue that the losses weight, in batch order.
 TARGET_MASKS = ("loss_mask", "headline_mask", "thoughts_mask", "summary_mask", "answer_mask")

@@ -187,21 +187,13 @@ def build_table(
 
 
 def is_well_formed(text: str) -> bool:
-    """The format check: parse_assistant finds no problem, an `Answer:` line, and thoughts in
-    every thinking block; never raises.
+    """The format check (`ParsedResponse.well_formed`); never raises.
 
-    parse_assistant accepts a block without thoughts, as a redacted earlier turn has, but in
-    a freshly sampled response it means the headline ran into the steps (no <|thoughts|>
-    marker): a step parser finds nothing to judge there, and a PRM's product over almost no
-    steps put such responses among the top picks at N=64 (0.4% of the multiplication
-    samples, none of them right).
+    A response whose headline ran into its steps (no thoughts in its block) was among a PRM's
+    top picks at N=64: a product over almost no steps (0.4% of the multiplication samples,
+    none of them right).
     """
-    parsed = parse_assistant(text)
-    return (
-        not parsed.malformed
-        and parsed.answer is not None
-        and all(block.thoughts for block in parsed.turn.blocks)
-    )
+    return parse_assistant(text).well_formed
 
 
 # ----------------------------------------------------------------------------- methods

@@ -34,7 +34,7 @@ def score_response(problem: Problem, text: str, tokenizer) -> dict:
     thoughts = [step for block in parsed.turn.blocks for step in block.thoughts]
     return {
         "correct": float(verify(problem, visible)),
-        "well_formed": float(not parsed.malformed and parsed.answer is not None),
+        "well_formed": float(parsed.well_formed),
         "thought_tokens": len(tokenizer.encode("\n".join(thoughts))) if thoughts else 0,
         "answer": parsed.answer,
     }

@@ -6,6 +6,7 @@ import types
 
 import numpy as np
 
+from data import format as fmt
 from data.builder import problem_to_record
 from data.tasks import generate_problems
 from rl.generate import Generation
@@ -56,3 +57,17 @@ def test_decodes_grouped_by_task_and_scores_in_the_input_order(monkeypatch):
     correct = [row["correct"] for row in result["per_problem"]]
     assert correct == [float(p.task == "addition") for p in problems]
     assert [s["prompt"] for s in result["samples"]] == [p.prompt for p in problems[:6]]
+
+
+def test_a_block_without_thoughts_is_not_well_formed():
+    (problem,) = generate_problems(
+        {"addition": {"weight": 1.0, "knobs": {"digits": 2}}}, 1, 0, "test"
+    )
+    text = fmt.render_assistant(fmt.problem_to_dialogue(problem, False).turns[-1])
+    good = evaluate_lib.score_response(problem, text, _CharTokenizer())
+    assert good["correct"] == 1.0 and good["well_formed"] == 1.0 and good["thought_tokens"] > 0
+    # The headline running into the steps: no <|thoughts|> marker, the same answer line.
+    run_on = text.replace("\n<|thoughts|>", " ", 1)
+    assert run_on != text
+    bad = evaluate_lib.score_response(problem, run_on, _CharTokenizer())
+    assert bad["correct"] == 1.0 and bad["well_formed"] == 0.0 and bad["thought_tokens"] == 0
