@@ -36,8 +36,8 @@ class CandidateTable:
     orm_PxN: np.ndarray | None = None  # ORM probability of each candidate
     prm_probs_PxNxS: np.ndarray | None = None  # PRM probability of each step
     prm_mask_PxNxS: np.ndarray | None = None  # 1 where a step exists
-    # bool: passes the format check (data.format.parse_assistant: no problem, an Answer line);
-    # None: every candidate is eligible
+    # bool: passes the format check (data.format.ParsedResponse.well_formed); None: every
+    # candidate is eligible
     well_formed_PxN: np.ndarray | None = None
 
     def __post_init__(self):
@@ -148,7 +148,7 @@ def build_table(
     """The table of sampled candidates; scores are `ResponseScore`s [P][N] (see reward_scores).
 
     With `format_check`, every method chooses among the well-formed candidates of a problem
-    (a closed thinking block and an `Answer:` line), if it has any. A sampled response that
+    (`is_well_formed`), if it has any. A sampled response that
     breaks the format (a stray marker inside the thoughts, say) hides its steps from the
     step parser, so a reward model judges it on what little it can see; at large N some such
     response outscores every well-formed one. The check needs no model, and voting gets it too.
@@ -207,14 +207,8 @@ def _first_with(answers: Sequence[Sequence[str | None]], chosen: Sequence[str | 
 
 
 def _prm_score(table: CandidateTable, how: str) -> np.ndarray:
-    """PRM candidate scores [P, N] by `how` ("product" or "min"); 0 where not eligible."""
-    scores_PxN = search.prm_aggregate(table.prm_probs_PxNxS, table.prm_mask_PxNxS, how)
-    return np.where(table.eligible_PxN(), np.asarray(scores_PxN), 0.0)
-
-
-def _orm_score(table: CandidateTable) -> np.ndarray:
-    """ORM probabilities [P, N]; 0 where not eligible."""
-    return np.where(table.eligible_PxN(), np.asarray(table.orm_PxN), 0.0)
+    """PRM candidate scores [P, N] by `how` ("product" or "min")."""
+    return np.asarray(search.prm_aggregate(table.prm_probs_PxNxS, table.prm_mask_PxNxS, how))
 
 
 def _answers(table: CandidateTable) -> list[list[str | None]]:
@@ -232,7 +226,8 @@ def _best(scores_PxN: np.ndarray, table: CandidateTable) -> np.ndarray:
 
 
 def _vote(table: CandidateTable, weights_PxN: np.ndarray | None = None) -> np.ndarray:
-    """The first candidate holding the (weighted) vote's answer among eligible candidates."""
+    """The first candidate holding the (weighted) vote's answer among eligible candidates
+    (an ineligible one has no answer, so its weight counts for nothing)."""
     answers = _answers(table)
     chosen = (
         search.majority_vote(answers)
@@ -252,10 +247,10 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "majority_vote": Method("", _vote),
-    "orm_best_of_n": Method("orm", lambda t: _best(_orm_score(t), t)),
+    "orm_best_of_n": Method("orm", lambda t: _best(t.orm_PxN, t)),
     "prm_best_of_n_product": Method("prm", lambda t: _best(_prm_score(t, "product"), t)),
     "prm_best_of_n_min": Method("prm", lambda t: _best(_prm_score(t, "min"), t)),
-    "orm_weighted_vote": Method("orm", lambda t: _vote(t, _orm_score(t))),
+    "orm_weighted_vote": Method("orm", lambda t: _vote(t, t.orm_PxN)),
     "prm_weighted_vote": Method("prm", lambda t: _vote(t, _prm_score(t, "product"))),
 }
 
