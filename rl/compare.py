@@ -143,9 +143,10 @@ def compare(policies: dict, model_cfg, tokenizer, levels, config, sampled_levels
 def reference_params(config, model_cfg, like):
     """The SFT policy's parameters (rl.ref_from, else init_from: a workdir or a Hugging Face
     directory), placed in the shardings of `like`, the RL policy's parameters."""
+    from rl.rollout import reference_of
     from train import init_from
 
-    source = init_from.find_source(config.rl.ref_from or config.init_from)
+    source = init_from.find_source(*reference_of(config))
     return init_from.load_params(source, model_cfg, like)
 
 

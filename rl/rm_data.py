@@ -53,6 +53,8 @@ RM_SPLITS = {
     "validation": ("validation", "corrupted_validation"),
 }
 _READ_TIME_FIELDS = ("soft_targets",)  # rm_data fields that do not change the records
+# rm_data fields the spec holds elsewhere (its "policy_step": the checkpoint actually used).
+_SPEC_FIELDS = ("policy_step",)
 MIN_PROMPT_WIDTH = 64  # tokens; task prompts are shorter
 
 # (prompts, num_samples, max_new_tokens, stream) -> per prompt, num_samples token arrays,
@@ -347,11 +349,18 @@ def policy_dir(config) -> str:
     return path
 
 
+def sampling_step(config) -> int | None:
+    """The checkpoint of `init_from` that samples the data: `rm_data.policy_step`, else the
+    one the reward model starts from (`init_from_step`); None for the newest."""
+    return config.rm_data.get("policy_step", 0) or config.init_from_step or None
+
+
 def rm_spec(config, policy: str) -> dict:
     """Everything that shapes the RM records: rm_data, the task data, the policy checkpoint."""
     from train.checkpoint import latest_step
 
-    rm = {k: v for k, v in config.rm_data.to_dict().items() if k not in _READ_TIME_FIELDS}
+    skip = _READ_TIME_FIELDS + _SPEC_FIELDS
+    rm = {k: v for k, v in config.rm_data.to_dict().items() if k not in skip}
     if rm["label_source"] not in LABEL_SOURCES:
         raise ValueError(
             f"rm_data.label_source must be one of {LABEL_SOURCES}, got {rm['label_source']!r}"
@@ -360,7 +369,7 @@ def rm_spec(config, policy: str) -> dict:
         "rm_data": rm,
         "data": builder_lib.record_spec(config.data),
         "policy": policy,
-        "policy_step": latest_step(policy),
+        "policy_step": sampling_step(config) or latest_step(policy),
     }
 
 
@@ -368,7 +377,7 @@ def generate_splits(config, prepared, policy: str) -> dict[str, list[dict]]:
     """The RM "train" and "validation" records (samples the policy; minutes on a CPU)."""
     from train.workdir import load_run
 
-    run = load_run(policy)
+    run = load_run(policy, step=sampling_step(config))
     rm_cfg, tokenizer = config.rm_data, prepared.tokenizer
     sample_fn = make_sample_fn(
         run.params,

@@ -57,6 +57,14 @@ def token_outputs(params, inputs_BxL, targets_BxL, segment_ids_BxL, *, cfg, head
     return logprobs_BxL, values_BxL
 
 
+def reference_of(config) -> tuple[str, int]:
+    """(source, checkpoint step) of the KL reference: `rl.ref_from`'s newest checkpoint, else
+    the checkpoint the policy started from (`init_from` at `init_from_step`)."""
+    if config.rl.ref_from:
+        return config.rl.ref_from, 0
+    return config.init_from, config.init_from_step
+
+
 def make_controller(kl_config):
     """The KL coefficient controller: AdaptiveKL toward `target`, or FixedKL."""
     if kl_config.adaptive:
@@ -108,7 +116,7 @@ class RolloutProducer:
         self.rewards = make_reward_mix(self.rl, self.tokenizer)
         self.executor = ThreadPoolExecutor(max(self.rl.reward_workers, 1))
         self.controller = make_controller(self.rl.kl)
-        self.ref_source = self.rl.ref_from or config.init_from
+        self.ref_source, self.ref_step = reference_of(config)
         if not self.ref_source and self.rl.kl.coef > 0:
             raise ValueError(
                 "rl.kl.coef > 0 needs a reference policy: set init_from (or rl.ref_from) to the "
@@ -282,7 +290,7 @@ class RolloutProducer:
         """The frozen reference trunk in the shardings of `params`; None without a reference."""
         if self.ref_params is None and self.ref_source:
             # A run's checkpoint or a Hugging Face directory, as init_from loads the policy.
-            source = init_from.find_source(self.ref_source)
+            source = init_from.find_source(self.ref_source, self.ref_step)
             self.ref_params = init_from.load_params(source, self.model.cfg, like=params)
         return self.ref_params
 

@@ -27,10 +27,22 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
     return absolute(workdir) / "checkpoints"
 
 
-def make_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    """A CheckpointManager over `workdir/checkpoints` keeping the last `keep` steps."""
+def make_manager(
+    workdir: str, *, keep: int, async_save: bool, keep_steps: tuple[int, ...] = ()
+) -> ocp.CheckpointManager:
+    """A CheckpointManager over `workdir/checkpoints` keeping the last `keep` steps.
+
+    Steps in `keep_steps` are kept too, once saved: a later stage may start from one (the
+    reward models sample an under-trained SFT checkpoint, train/configs/rm.py).
+    """
+    policies = ocp.checkpoint_managers
+    preservation = policies.LatestN(keep)
+    if keep_steps:
+        preservation = policies.AnyPreservationPolicy(
+            [preservation, policies.CustomSteps(list(keep_steps))]
+        )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        preservation_policy=preservation,
         enable_async_checkpointing=async_save,
         create=True,
     )
@@ -101,9 +113,13 @@ def _params_manager(workdir: str) -> ocp.CheckpointManager:
 
 def _step_or_latest(manager: ocp.CheckpointManager, step: int | None) -> int:
     """`step`, or the newest complete one; raises if there is none."""
-    step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{manager.directory} holds no complete checkpoint")
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{manager.directory} holds no complete checkpoint")
+    elif step not in manager.all_steps():
+        have = sorted(manager.all_steps())
+        raise FileNotFoundError(f"{manager.directory} has no checkpoint {step} (has {have})")
     return step
 
 

@@ -59,7 +59,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     from data.build import prepare
 
     objective = get_objective(config.objective)
-    source = init_from.find_source(config.init_from)
+    source = init_from.find_source(config.init_from, config.init_from_step)
     init_from.prepare_tokenizer(source, workdir)
     prepared = prepare(config.data, workdir)
     vocab = prepared.tokenizer.vocab_size
@@ -89,8 +89,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract_params, p_shardings = param_shardings(model, mesh, setup.rules)
     tx, schedule = make_optimizer(config.optimizer, config.num_steps, abstract_params)
     abstract_state, shardings = state_shardings(abstract_params, p_shardings, tx, mesh)
+    unsaved = [
+        s
+        for s in config.keep_steps
+        if s <= config.num_steps and s % config.checkpoint_every and s != config.num_steps
+    ]
+    if unsaved:
+        raise ValueError(
+            f"keep_steps {unsaved} are never saved: make them multiples of "
+            f"checkpoint_every={config.checkpoint_every}"
+        )
     manager = checkpoint.make_manager(
-        workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoint
+        workdir,
+        keep=config.keep_checkpoints,
+        keep_steps=tuple(config.keep_steps),
+        async_save=config.async_checkpoint,
     )
     try:
         state = _restore_or_init(config, setup, manager, producer, tx, abstract_state, shardings)
@@ -120,7 +133,7 @@ def _restore_or_init(config, setup, manager, producer, tx, abstract_state, shard
     if manager.latest_step() is not None:
         logging.info("Resuming from checkpoint step %d", manager.latest_step())
         return checkpoint.restore(manager, abstract_state, producer.restore_args())
-    source = init_from.find_source(config.init_from)
+    source = init_from.find_source(config.init_from, config.init_from_step)
     trunk = None
     if source is not None:
         trunk = init_from.load_params(source, setup.model_cfg, abstract_state.params)

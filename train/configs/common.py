@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective = "sft"  # a name in train.objectives.OBJECTIVES
     c.seed = 0
     c.init_from = ""  # a workdir with checkpoints/, or a Hugging Face Llama directory
+    c.init_from_step = 0  # which checkpoint of an init_from workdir; 0: its newest
 
     # Model: a preset from model.config.PRESETS; every ModelConfig field left None keeps the
     # preset's value, any other value overrides it (`--config.model.d_model=256`). A None
@@ -80,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0: evaluate only at the end
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
+    c.keep_steps = ()  # checkpoint steps kept beyond the last keep_checkpoints
     c.async_checkpoint = True
     c.progress_bar = True
 
