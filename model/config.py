@@ -41,6 +41,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "einsum"  # one of ATTENTION_KERNELS
+    # > 0: the reward head also reads how surprised the model's own language model is by
+    # the last this-many tokens (model.transformer.RewardHead); 0: a plain linear head.
+    reward_surprise_window: int = 0
 
     def __post_init__(self):
         # JSON round trips turn the rope_scaling tuple into a list; accept that.
@@ -61,6 +64,11 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; use one of {DTYPES}")
+        window = self.reward_surprise_window
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ValueError(
+                f"ModelConfig.reward_surprise_window must be an int >= 0, got {window!r}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; use one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_KERNELS:

@@ -436,11 +436,9 @@ class Embedder(nn.Module):
 _ZERO_INIT_HEADS = ("value",)
 
 
-def _scalar_head(cfg: ModelConfig, name: str, **kwargs: Any) -> nn.Dense:
-    """A [D] -> 1 linear head in float32 (value, reward)."""
-    kernel_init = (
-        nn.initializers.zeros if name in _ZERO_INIT_HEADS else nn.initializers.lecun_normal()
-    )
+def _scalar_head(cfg: ModelConfig, zero_init: bool, **kwargs: Any) -> nn.Dense:
+    """A [D] -> 1 linear head in float32 (value, reward); `zero_init`: it starts at 0."""
+    kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
     return nn.Dense(
         1,
         dtype=jnp.float32,
@@ -449,6 +447,67 @@ def _scalar_head(cfg: ModelConfig, name: str, **kwargs: Any) -> nn.Dense:
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
         **kwargs,
     )
+
+
+# A surprise scale s = softplus(raw) starts at 1: the logit drops by the surprise in nats.
+_RAW_SCALE_AT_ONE = float(np.log(np.expm1(1.0)))
+
+
+def token_surprise(logits_BxLxV: Array, tokens_BxL: Array, segment_ids_BxL: Array) -> Array:
+    """-log p(token t | the tokens before it) [B, L], from the logits at t - 1; 0 where t
+    opens a segment (nothing predicted it) or is padding (segment 0)."""
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+    next_logp_BxL = jnp.take_along_axis(logp_BxLxV, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+    segment_BxL = segment_ids_BxL[:, 1:]
+    continues_BxL = (segment_BxL == segment_ids_BxL[:, :-1]) & (segment_BxL != 0)
+    surprise_BxL = jnp.where(continues_BxL, -next_logp_BxL, 0.0)
+    return jnp.pad(surprise_BxL, ((0, 0), (1, 0)))
+
+
+def window_max(x_BxL: Array, segment_ids_BxL: Array, window: int) -> Array:
+    """max of a non-negative x over positions t - window + 1 .. t of t's own segment [B, L]."""
+    out_BxL = x_BxL
+    for shift in range(1, min(window, x_BxL.shape[1])):
+        pad = ((0, 0), (shift, 0))
+        earlier_BxL = jnp.pad(x_BxL[:, :-shift], pad)
+        same_BxL = jnp.pad(segment_ids_BxL[:, :-shift], pad, constant_values=-1) == segment_ids_BxL
+        out_BxL = jnp.maximum(out_BxL, jnp.where(same_BxL, earlier_BxL, 0.0))
+    return out_BxL
+
+
+class RewardHead(nn.Module):
+    """A linear reward logit minus the model's recent surprise, scaled by a learned s > 0:
+
+        logit_t = w . h_t + b - s * max(-log p(token j)  for j in t - window + 1 .. t)
+
+    A reward model starts from an SFT policy, whose language model already predicts each
+    digit of a step; a written digit it did not expect is the tell of a wrong step. A linear
+    head on h_t cannot read that: the prediction of token j is formed in the last layer at
+    j - 1, which no attention reads, and a 3-layer trunk does not redo the arithmetic at
+    the step's end (the session-16 PRM with a linear head: best-of-64 fell to 11%, README).
+    The window should cover a step, so the logit at a step's end sees all of it.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD: Array, surprise_BxL: Array, segment_ids_BxL: Array):
+        # Zero at first: the head starts as the surprise alone, which already ranks steps
+        # (README), and a random linear term only adds noise the training must remove.
+        linear_BxL = _scalar_head(self.cfg, True, name="linear")(hidden_BxLxD)[..., 0]
+        raw_scale = self.param(
+            "surprise_scale",
+            nn.with_logical_partitioning(nn.initializers.constant(_RAW_SCALE_AT_ONE), (None,)),
+            (1,),
+            self.cfg.weight_dtype,
+        )
+        recent_BxL = window_max(surprise_BxL, segment_ids_BxL, self.cfg.reward_surprise_window)
+        return linear_BxL - jax.nn.softplus(raw_scale.astype(jnp.float32)) * recent_BxL
+
+
+def reads_surprise(cfg: ModelConfig, head: str) -> bool:
+    """Whether scalar head `head` is a RewardHead that reads the model's surprise."""
+    return head == "reward" and cfg.reward_surprise_window > 0
 
 
 def _check_heads(heads: tuple[str, ...]) -> None:
@@ -498,7 +557,10 @@ class Transformer(nn.Module):
                 cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), float32_out=True
             )
         for name in self.heads:
-            setattr(self, f"{name}_head", _scalar_head(cfg, name))
+            if reads_surprise(cfg, name):
+                setattr(self, f"{name}_head", RewardHead(cfg))
+            else:
+                setattr(self, f"{name}_head", _scalar_head(cfg, name in _ZERO_INIT_HEADS))
 
     def __call__(
         self,
@@ -567,13 +629,26 @@ class Transformer(nn.Module):
                 (x_BxLxD, _), _ = layer((x_BxLxD, None), positions_BxL, mask_BxLxS)
         hidden_BxLxD = self.final_norm(x_BxLxD)
 
-        scores = {
-            name: getattr(self, f"{name}_head")(hidden_BxLxD.astype(jnp.float32))[..., 0]
-            for name in self.heads
-        }
-        logits_BxLxV = self.unembed(hidden_BxLxD) if compute_logits else None
+        surprise = any(reads_surprise(self.cfg, name) for name in self.heads)
+        if surprise and cache is not None:
+            raise ValueError(
+                "a reward head with reward_surprise_window > 0 reads the logits before each "
+                "token, which a cached call lacks; score whole sequences without a cache"
+            )
+        logits_BxLxV = self.unembed(hidden_BxLxD) if compute_logits or surprise else None
+        scores = {}
+        for name in self.heads:
+            head = getattr(self, f"{name}_head")
+            if reads_surprise(self.cfg, name):
+                surprise_BxL = token_surprise(logits_BxLxV, tokens_BxL, segment_ids_BxL)
+                scores[name] = head(hidden_BxLxD.astype(jnp.float32), surprise_BxL, segment_ids_BxL)
+            else:
+                scores[name] = head(hidden_BxLxD.astype(jnp.float32))[..., 0]
         return ModelOutput(
-            logits=logits_BxLxV, hidden_BxLxD=hidden_BxLxD, scores=scores, cache=new_cache
+            logits=logits_BxLxV if compute_logits else None,
+            hidden_BxLxD=hidden_BxLxD,
+            scores=scores,
+            cache=new_cache,
         )
 
     def _cached_layers(
@@ -630,10 +705,15 @@ def add_heads(params: Params, cfg: ModelConfig, heads: tuple[str, ...], rng: Arr
     present = [name for name in heads if head_key(name) in params]
     if present:
         raise ValueError(f"params already have scalar heads {present}")
-    hidden_1xD = jnp.zeros((1, cfg.d_model), jnp.float32)
+    hidden_1x1xD = jnp.zeros((1, 1, cfg.d_model), jnp.float32)
     new = dict(params)
     for name, key in zip(heads, jax.random.split(rng, len(heads)), strict=True):
-        new[head_key(name)] = unbox(_scalar_head(cfg, name).init(key, hidden_1xD)["params"])
+        if reads_surprise(cfg, name):
+            ones_1x1 = jnp.ones((1, 1), jnp.int32)
+            head = RewardHead(cfg).init(key, hidden_1x1xD, ones_1x1.astype(jnp.float32), ones_1x1)
+        else:
+            head = _scalar_head(cfg, name in _ZERO_INIT_HEADS).init(key, hidden_1x1xD)
+        new[head_key(name)] = unbox(head["params"])
     return new
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from data import format as fmt
 from model import sampler
 from model.config import ModelConfig
-from model.transformer import KVCache, Transformer, init_cache
+from model.transformer import KVCache, Transformer, init_cache, reads_surprise
 from rl.generate import user_prompt_tokens
 from rl.search import beam_select
 
@@ -182,6 +182,73 @@ class PrmScorer:
     def extend(self, state: KVCache, tokens_BxT: Array, lengths_B: Array) -> tuple[KVCache, Array]:
         """Appends tokens; the logits at a step's "\\n" are its step logit."""
         return _reward_extend(self.params, self.cfg, self.head, state, tokens_BxT, lengths_B)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "head"))
+def _reward_rescore(
+    params,
+    cfg: ModelConfig,
+    head: str,
+    tokens_BxM: Array,
+    lengths_B: Array,
+    new_BxT: Array,
+    new_lengths_B: Array,
+) -> tuple[tuple[Array, Array], Array]:
+    """Writes each row's new tokens after its first lengths_B and scores the whole rows;
+    returns ((tokens, lengths), head logits [B, T] at the new tokens)."""
+    B, M = tokens_BxM.shape
+    at_BxT = lengths_B[:, None] + jnp.arange(new_BxT.shape[1])[None, :]
+    new_BxT_mask = jnp.arange(new_BxT.shape[1])[None, :] < new_lengths_B[:, None]
+    rows_Bx1 = jnp.arange(B)[:, None]
+    tokens_BxM = tokens_BxM.at[rows_Bx1, jnp.where(new_BxT_mask, at_BxT, M)].set(
+        new_BxT, mode="drop"
+    )
+    lengths_B = lengths_B + new_lengths_B
+    segment_ids_BxM = (jnp.arange(M)[None, :] < lengths_B[:, None]).astype(jnp.int32)
+    out = Transformer(cfg, heads=(head,)).apply(
+        {"params": params},
+        tokens_BxM,
+        segment_ids_BxL=segment_ids_BxM,
+        compute_logits=False,
+        method="forward",
+    )
+    logits_BxT = jnp.take_along_axis(out.scores[head], jnp.minimum(at_BxT, M - 1), axis=1)
+    return (tokens_BxM, lengths_B), logits_BxT
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeSequencePrmScorer:
+    """A PRM that rescores each row whole at every extension, without a cache.
+
+    For a reward head that reads the language model's surprise (model.transformer.
+    RewardHead): a token's surprise comes from the logits before it, which a KV cache does
+    not keep. Each extension costs a forward over the row so far instead of over the new
+    tokens; at this repo's sizes the policy's decoding still dominates.
+    """
+
+    params: Any
+    cfg: ModelConfig
+    head: str = "reward"
+
+    def start(self, tokens_BxP: Array, lengths_B: Array, max_len: int) -> tuple[Array, Array]:
+        """The prompts, in rows with room for max_len tokens."""
+        tokens_BxM = jnp.zeros((tokens_BxP.shape[0], max_len), jnp.int32)
+        tokens_BxM = tokens_BxM.at[:, : tokens_BxP.shape[1]].set(tokens_BxP)
+        return tokens_BxM, jnp.asarray(lengths_B, jnp.int32)
+
+    def extend(self, state, tokens_BxT: Array, lengths_B: Array) -> tuple[Any, Array]:
+        """Appends tokens; the logits at a step's "\\n" are its step logit."""
+        tokens_BxM, so_far_B = state
+        return _reward_rescore(
+            self.params, self.cfg, self.head, tokens_BxM, so_far_B, tokens_BxT, lengths_B
+        )
+
+
+def prm_scorer(params, cfg: ModelConfig, head: str = "reward") -> StepScorer:
+    """The cached scorer, or the whole-sequence one for a head that reads surprise."""
+    if reads_surprise(cfg, head):
+        return WholeSequencePrmScorer(params, cfg, head)
+    return PrmScorer(params, cfg, head)
 
 
 # ----------------------------------------------------------------------------- one decode call

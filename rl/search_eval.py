@@ -21,6 +21,8 @@ dropped), or an under-trained checkpoint with `--policy_step`.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,7 +34,7 @@ from data.builder import canonical_prompt, load_split, record_to_problem
 from data.tasks import generate_problems
 from data.tasks.base import Problem
 from rl import rerank
-from rl.search_beam import BeamConfig, PrmScorer, search_questions
+from rl.search_beam import BeamConfig, prm_scorer, search_questions
 
 RESULT_FILE = "search_eval.json"
 PLOT_FILE = "search_eval.png"
@@ -115,7 +117,7 @@ def run_beams(
 ) -> list[dict]:
     """Beam search with each config: accuracy, tokens per problem and its equivalent N."""
     rows = []
-    scorer = PrmScorer(prm.params, prm.model_cfg)
+    scorer = prm_scorer(prm.params, prm.model_cfg)
     for config in configs:
         found = search_questions(
             run.params,
@@ -288,6 +290,24 @@ def write(result: dict, out: epath.PathLike) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- CLI
 
 
+def default_policy_step(policy: str, rm_workdirs: Sequence[str | None]) -> int | None:
+    """The checkpoint of `policy` the reward models sampled their data from, if they came
+    from `policy` with a set `rm_data.policy_step` or `init_from_step` (rm.py samples an
+    under-trained one); else None, the newest."""
+    from train.workdir import read_config
+
+    def same(a: str, b: str) -> bool:
+        return os.path.realpath(a.rstrip("/")) == os.path.realpath(b.rstrip("/"))
+
+    for workdir in filter(None, rm_workdirs):
+        config = read_config(workdir)
+        rm_data = config.get("rm_data") or {}
+        step = rm_data.get("policy_step") or config.get("init_from_step")
+        if step and same(config.init_from, policy):
+            return int(step)
+    return None
+
+
 def _load_reward_model(workdir: str | None, kind: str, tokenizer):
     """The reward model of `workdir` (None if not given), checked against the policy."""
     from rl.reward_model import load_reward_model
@@ -310,7 +330,12 @@ def define_flags() -> None:
     flags.DEFINE_string("policy", None, "The policy's train.main workdir.", required=True)
     flags.DEFINE_string("orm", None, "An ORM workdir (rm.py:kind=orm); omit to skip.")
     flags.DEFINE_string("prm", None, "A PRM workdir (rm.py:kind=prm); omit to skip.")
-    flags.DEFINE_integer("policy_step", None, "Policy checkpoint (default: newest).")
+    flags.DEFINE_integer(
+        "policy_step",
+        None,
+        "Policy checkpoint (default: the one --prm/--orm sampled their data from, if they "
+        "started from --policy at a set init_from_step; else the newest).",
+    )
     flags.DEFINE_integer("num_problems", 64, "Held-out problems.")
     flags.DEFINE_integer("max_n", 64, "Samples per problem; curves run to it.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
@@ -350,7 +375,11 @@ def main(argv):
     widths = [int(w) for w in args.beam_widths]
     if widths and not args.prm:
         raise app.UsageError("--beam_widths needs --prm")
-    run = load_run(args.policy, step=args.policy_step)
+    step = args.policy_step
+    if step is None:
+        step = default_policy_step(args.policy, [args.prm, args.orm])
+    run = load_run(args.policy, step=step)
+    print(f"Policy: {args.policy}, checkpoint {run.step}")
     orm = _load_reward_model(args.orm, "orm", run.tokenizer)
     prm = _load_reward_model(args.prm, "prm", run.tokenizer)
     data_from = args.data_from or args.prm or args.orm or args.policy

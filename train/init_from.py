@@ -31,6 +31,7 @@ class InitSource:
 
     kind: str  # "workdir" or "hf"
     path: str
+    step: int | None = None  # a workdir's checkpoint step; None: its newest
 
 
 def is_huggingface_dir(path: str) -> bool:
@@ -39,13 +40,20 @@ def is_huggingface_dir(path: str) -> bool:
     return (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
 
 
-def find_source(init_from: str) -> InitSource | None:
-    """Classifies `config.init_from`; raises with a clear message if it is neither kind."""
+def find_source(init_from: str, step: int = 0) -> InitSource | None:
+    """Classifies `config.init_from` (`step`: its checkpoint, 0 for the newest); raises with a
+    clear message if it is neither kind."""
     if not init_from:
         return None
+    if step < 0:
+        raise ValueError(f"init_from_step must be >= 0 (0: the newest checkpoint), got {step}")
     path = epath.Path(init_from)
     if (path / "checkpoints").is_dir():
-        return InitSource("workdir", init_from)
+        return InitSource("workdir", init_from, step or None)
+    if step:
+        raise ValueError(
+            f"init_from_step={step} needs a train.main workdir; {init_from!r} is not one"
+        )
     if is_huggingface_dir(init_from):
         if is_remote(init_from):
             raise ValueError(
@@ -81,8 +89,9 @@ def prepare_tokenizer(source: InitSource | None, workdir: str) -> None:
         print(f"Adapted {spm}: added {added} special tokens, vocab size {tokenizer.vocab_size}")
 
 
-# Fields a run may change on top of the source's architecture.
-NUMERICS_FIELDS = ("dtype", "remat", "scan_layers", "max_seq_len")
+# Fields a run may change on top of the source's architecture (numerics, and how the reward
+# head reads the trunk).
+NUMERICS_FIELDS = ("dtype", "remat", "scan_layers", "max_seq_len", "reward_surprise_window")
 
 
 def source_model_config(source: InitSource | None, model_overrides, vocab_size: int):
@@ -109,7 +118,7 @@ def load_params(source: InitSource, model_cfg, like) -> dict:
     real; `train.state.init_state(..., params=trunk)` initializes the heads.
     """
     if source.kind == "workdir":
-        return restore_trunk(source.path, like)
+        return restore_trunk(source.path, like, source.step)
     from model import hf
 
     # Host arrays, the same on every process: device_put may spread them over processes.
@@ -125,13 +134,14 @@ def load_params(source: InitSource, model_cfg, like) -> dict:
     }
 
 
-def restore_trunk(workdir: str, like) -> dict:
-    """A run's newest parameters without scalar heads, restored into the shardings of `like`.
+def restore_trunk(workdir: str, like, step: int | None = None) -> dict:
+    """A run's parameters at `step` (default: newest) without scalar heads, restored into the
+    shardings of `like`.
 
     Orbax reads each shard straight onto its devices, so this works on any mesh and with
     several processes (a device_put of arrays held by one process could not).
     """
-    metadata, _ = checkpoint.params_metadata(workdir)
+    metadata, step = checkpoint.params_metadata(workdir, step)
     _check_trunk(workdir, {k: v for k, v in metadata.items() if k not in HEAD_KEYS}, like)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
@@ -148,7 +158,7 @@ def restore_trunk(workdir: str, like) -> dict:
         )
 
     restored, _ = checkpoint.load_params(
-        workdir, {key: abstract(key, subtree) for key, subtree in metadata.items()}
+        workdir, {key: abstract(key, subtree) for key, subtree in metadata.items()}, step
     )
     return {key: value for key, value in restored.items() if key in like and key not in HEAD_KEYS}
 

@@ -303,3 +303,67 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths():
     np.testing.assert_allclose(scaled[long], plain[long] / 8.0, rtol=1e-6)
     between = ~short & ~long
     assert ((scaled[between] < plain[between]) & (scaled[between] > plain[between] / 8)).all()
+
+
+def test_token_surprise_is_the_negative_log_prob_of_each_next_token():
+    logits_BxLxV = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7))
+    tokens_BxL = jnp.array([[1, 2, 3, 4, 5], [6, 0, 1, 2, 3]])
+    segment_ids_BxL = jnp.array([[1, 1, 2, 2, 2], [1, 1, 1, 0, 0]])
+    surprise_BxL = transformer.token_surprise(logits_BxLxV, tokens_BxL, segment_ids_BxL)
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    expected = np.zeros((2, 5), np.float32)
+    for b in range(2):
+        for t in range(1, 5):
+            same = segment_ids_BxL[b, t] == segment_ids_BxL[b, t - 1] != 0
+            if same:  # predicted at t - 1; a segment's first token and padding stay 0
+                expected[b, t] = -logp_BxLxV[b, t - 1, tokens_BxL[b, t]]
+    np.testing.assert_allclose(surprise_BxL, expected, rtol=1e-5, atol=1e-6)
+    assert expected[0, 2] == 0 and expected[0, 3] > 0 and expected[1, 3] == 0
+
+
+def test_window_max_looks_back_within_its_segment():
+    x_BxL = jnp.array([[1.0, 0, 0, 5, 0, 0, 0, 0, 2, 0]])
+    segment_ids_BxL = jnp.array([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])
+    got = transformer.window_max(x_BxL, segment_ids_BxL, 3)
+    np.testing.assert_array_equal(got, [[1, 1, 1, 5, 5, 5, 0, 0, 2, 2]])
+    np.testing.assert_array_equal(transformer.window_max(x_BxL, segment_ids_BxL, 1), x_BxL)
+    wide = transformer.window_max(x_BxL, segment_ids_BxL, 64)  # longer than the row
+    np.testing.assert_array_equal(wide, [[1, 1, 1, 5, 5, 5, 0, 0, 2, 2]])
+
+
+def test_reward_head_subtracts_scaled_recent_surprise(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, reward_surprise_window=3)
+    params = transformer.add_heads(tiny_params, cfg, ("reward", "value"), jax.random.PRNGKey(3))
+    head = params["reward_head"]
+    # It starts as the surprise alone: a zero linear term and a scale of 1.
+    assert head["linear"]["kernel"].shape == (cfg.d_model, 1)
+    assert not np.any(head["linear"]["kernel"])
+    np.testing.assert_allclose(jax.nn.softplus(head["surprise_scale"]), [1.0], rtol=1e-6)
+    head["linear"]["kernel"] = jax.random.normal(jax.random.PRNGKey(4), (cfg.d_model, 1))
+    head["surprise_scale"] = jnp.array([0.4])
+    tokens_BxL = _tokens((2, 9))
+    segment_ids_BxL = jnp.array([[1] * 9, [1] * 4 + [2] * 5])
+    out = _forward(
+        cfg, params, tokens_BxL, ("reward", "value"), segment_ids_BxL, compute_logits=False
+    )
+    assert out.logits is None  # computed for the surprise, not returned
+    logits_BxLxV = _forward(cfg, params, tokens_BxL, (), segment_ids_BxL).logits
+    recent_BxL = transformer.window_max(
+        transformer.token_surprise(logits_BxLxV, tokens_BxL, segment_ids_BxL), segment_ids_BxL, 3
+    )
+    linear_BxL = (out.hidden_BxLxD @ head["linear"]["kernel"])[..., 0] + head["linear"]["bias"]
+    expected_BxL = linear_BxL - jax.nn.softplus(0.4) * recent_BxL
+    np.testing.assert_allclose(out.scores["reward"], expected_BxL, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(recent_BxL)) > 1.0  # a random model is surprised: the term matters
+    value = params["value_head"]  # other heads stay linear
+    np.testing.assert_allclose(
+        out.scores["value"],
+        (out.hidden_BxLxD @ value["kernel"])[..., 0] + value["bias"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    cache = transformer.init_cache(cfg, 2, 16)
+    with pytest.raises(ValueError, match="score whole sequences without a cache"):
+        _forward(cfg, params, tokens_BxL, ("reward",), cache=cache)
+    with pytest.raises(ValueError, match="reward_surprise_window"):
+        dataclasses.replace(cfg, reward_surprise_window=-1)

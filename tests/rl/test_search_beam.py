@@ -10,7 +10,13 @@ import pytest
 from model import sampler
 from model.transformer import Transformer
 from rl import search_beam
-from rl.search_beam import BeamConfig, PrmScorer, SearchTokens
+from rl.search_beam import (
+    BeamConfig,
+    PrmScorer,
+    SearchTokens,
+    WholeSequencePrmScorer,
+    prm_scorer,
+)
 
 # Token ids of a made-up vocabulary inside the tiny preset's 128 (all below d_model = 32, so
 # the bigram model below can give each its own embedding direction).
@@ -166,8 +172,19 @@ def prm_params(tiny_cfg, tiny_params):
     return {**tiny_params, "reward_head": {"kernel": kernel, "bias": jnp.zeros((1,))}}
 
 
-def test_greedy_search_reproduces_greedy_decoding_and_prm_scores(tiny_cfg, tiny_params, prm_params):
-    """Rounds of forking and gathering must not change a single greedy token or PRM score."""
+def surprise_prm(tiny_cfg, prm_params):
+    """(config, params) of the same PRM with a reward head that reads surprise (window 4)."""
+    cfg = dataclasses.replace(tiny_cfg, reward_surprise_window=4)
+    head = {"linear": prm_params["reward_head"], "surprise_scale": jnp.full((1,), 0.3)}
+    return cfg, {**prm_params, "reward_head": head}
+
+
+@pytest.mark.parametrize("surprise", [False, True])
+def test_greedy_search_reproduces_greedy_decoding_and_prm_scores(
+    tiny_cfg, tiny_params, prm_params, surprise
+):
+    """Rounds of forking and gathering must not change a single greedy token or PRM score,
+    for the cached PRM scorer and for the whole-sequence one a surprise-reading head needs."""
     prompt = [3, 1, 4, THOUGHTS]
     plain = sampler.sample(
         tiny_params,
@@ -184,14 +201,18 @@ def test_greedy_search_reproduces_greedy_decoding_and_prm_scores(tiny_cfg, tiny_
     assert eot not in greedy[:10] and greedy[:10].count(newline) >= 3
     ids = dataclasses.replace(IDS, newline=newline, eot=eot)
     config = dataclasses.replace(CONFIG, temperature=0.0)
-    scorer = PrmScorer(prm_params, tiny_cfg)
+    prm_cfg = tiny_cfg
+    if surprise:
+        prm_cfg, prm_params = surprise_prm(tiny_cfg, prm_params)
+    scorer = prm_scorer(prm_params, prm_cfg)
+    assert isinstance(scorer, WholeSequencePrmScorer if surprise else PrmScorer)
     result = _search(tiny_params, tiny_cfg, config, [prompt] * 3, scorer, ids)[0]
     expected = greedy[: greedy.index(eot) + 1]
     assert result.finished
     np.testing.assert_array_equal(result.tokens, expected)
     full = jnp.asarray([prompt + expected])
     rewards = (
-        Transformer(tiny_cfg, heads=("reward",))
+        Transformer(prm_cfg, heads=("reward",))
         .apply({"params": prm_params}, full, method="forward")
         .scores["reward"][0]
     )

@@ -10,6 +10,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import run_cli, tiny_config
@@ -160,6 +161,33 @@ def test_init_from_copies_params_and_tokenizer(tiny_run, tmp_path):
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_an_older_step_with_a_surprise_reading_reward_head(tiny_run, tmp_path):
+    config = tiny_config(init_from=tiny_run, init_from_step=3, num_steps=1, checkpoint_every=1)
+    config.optimizer.lr = 0.0
+    config.objective = "test_answer_only_ce"  # adds a reward head the source lacks
+    config.model.reward_surprise_window = 8  # a head option a run may set on its source
+    run(config, str(tmp_path))
+    source, _ = checkpoint.load_params(tiny_run, step=3)
+    newest, _ = checkpoint.load_params(tiny_run)
+    loaded, _ = checkpoint.load_params(str(tmp_path))
+    assert set(loaded["reward_head"]) == {"linear", "surprise_scale"}
+    trunk = {k: v for k, v in loaded.items() if k != "reward_head"}
+    jax.tree.map(np.testing.assert_array_equal, trunk, source)
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, trunk, newest)))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model"]["reward_surprise_window"] == 8
+
+
+def test_keep_steps_outlive_the_last_checkpoints(tmp_path):
+    config = tiny_config(num_steps=4, checkpoint_every=1, keep_checkpoints=1, keep_steps=(2,))
+    run(config, str(tmp_path / "kept"))
+    with ocp.CheckpointManager(checkpoint.checkpoint_dir(tmp_path / "kept")) as m:
+        assert sorted(m.all_steps()) == [2, 4]
+    config = tiny_config(num_steps=4, checkpoint_every=2, keep_steps=(3,))
+    with pytest.raises(ValueError, match=r"keep_steps \[3\] are never saved"):
+        run(config, str(tmp_path / "never"))
 
 
 @pytest.mark.parametrize(

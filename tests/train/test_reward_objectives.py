@@ -18,6 +18,7 @@ from tests.conftest import build_once, loop_on_one_device
 from train import evaluate
 from train.configs import rl as rl_configs
 from train.configs import rm
+from train.configs import sft as sft_configs
 from train.metrics import read_metrics
 from train.objectives import get_objective
 
@@ -189,6 +190,16 @@ def test_config_variants():
     letters = rm.get_config("kind=prm,task=letter_count")
     assert dict(letters.data.tasks["letter_count"].knobs) == rl_configs.KNOBS
     assert rl_configs.get_config().rl.prm.stage == "rm.py:kind=prm,task=letter_count"
+    # The search experiment samples the SFT run's kept under-trained checkpoint and trains
+    # a surprise-reading head alone; RL's PRM samples the final policy with a linear head.
+    for kind in ("orm", "prm"):
+        search = rm.get_config(f"kind={kind}")
+        assert search.rm_data.policy_step == sft_configs.RM_POLICY_STEP
+        assert sft_configs.RM_POLICY_STEP in sft_configs.get_config().keep_steps
+        assert search.model.reward_surprise_window == 32
+        assert search.optimizer.freeze == rm.HEAD_ONLY and search.init_from_step == 0
+    assert letters.rm_data.policy_step == 0 and letters.model.reward_surprise_window == 0
+    assert letters.optimizer.freeze == "" and letters.optimizer.lr == 1e-3
     with pytest.raises(ValueError, match="task must be one of"):
         rm.get_config("task=sorting")
     with pytest.raises(FileNotFoundError, match="init_from"):
