@@ -333,8 +333,9 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "policy_step",
         None,
-        "Policy checkpoint (default: the one --prm/--orm sampled their data from, if they "
-        "started from --policy at a set init_from_step; else the newest).",
+        "Policy checkpoint (default: the one --prm/--orm sampled their data from when they "
+        "came from --policy with a set rm_data.policy_step or init_from_step; else the "
+        "newest).",
     )
     flags.DEFINE_integer("num_problems", 64, "Held-out problems.")
     flags.DEFINE_integer("max_n", 64, "Samples per problem; curves run to it.")
