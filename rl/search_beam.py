@@ -198,9 +198,9 @@ def _reward_rescore(
     returns ((tokens, lengths), head logits [B, T] at the new tokens)."""
     B, M = tokens_BxM.shape
     at_BxT = lengths_B[:, None] + jnp.arange(new_BxT.shape[1])[None, :]
-    new_BxT_mask = jnp.arange(new_BxT.shape[1])[None, :] < new_lengths_B[:, None]
+    written_BxT = jnp.arange(new_BxT.shape[1])[None, :] < new_lengths_B[:, None]
     rows_Bx1 = jnp.arange(B)[:, None]
-    tokens_BxM = tokens_BxM.at[rows_Bx1, jnp.where(new_BxT_mask, at_BxT, M)].set(
+    tokens_BxM = tokens_BxM.at[rows_Bx1, jnp.where(written_BxT, at_BxT, M)].set(
         new_BxT, mode="drop"
     )
     lengths_B = lengths_B + new_lengths_B
