@@ -198,6 +198,7 @@ def test_config_variants():
         assert sft_configs.RM_POLICY_STEP in sft_configs.get_config().keep_steps
         assert search.model.reward_surprise_window == 32
         assert search.optimizer.freeze == rm.HEAD_ONLY and search.init_from_step == 0
+        assert search.num_steps == {"orm": 240, "prm": 480}[kind]
     assert letters.rm_data.policy_step == 0 and letters.model.reward_surprise_window == 0
     assert letters.optimizer.freeze == "" and letters.optimizer.lr == 1e-3
     with pytest.raises(ValueError, match="task must be one of"):
