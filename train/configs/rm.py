@@ -11,7 +11,7 @@ The run starts from the SFT run in `init_from` (default: workdirs/sft, its newes
 and adds a reward head. Before the first step it samples and labels its training data from
 that run's checkpoint `rm_data.policy_step` (rl.rm_data; cached in the workdir), so one
 command does everything given an SFT workdir. The PRM takes ~13 minutes on a 2-core CPU,
-data included (README).
+data included (an estimate: 11.8 alone without sampling; README).
 
 `task` picks what the reward models learn:
 
