@@ -465,13 +465,26 @@ def token_surprise(logits_BxLxV: Array, tokens_BxL: Array, segment_ids_BxL: Arra
 
 
 def window_max(x_BxL: Array, segment_ids_BxL: Array, window: int) -> Array:
-    """max of a non-negative x over positions t - window + 1 .. t of t's own segment [B, L]."""
-    out_BxL = x_BxL
-    for shift in range(1, min(window, x_BxL.shape[1])):
+    """max of a non-negative x over positions t - window + 1 .. t of t's own segment [B, L].
+
+    By doubling, in O(log window) passes: once `out` holds the max over the last `span`
+    tokens, out at t - k (k <= span) extends it to span + k tokens. A value from t - k counts
+    only if t - k is in t's segment, and since segments are contiguous, so is every token
+    between; otherwise `out` at t already reaches back to the segment's start.
+    """
+    window = min(window, x_BxL.shape[1])
+
+    def from_back(y_BxL: Array, shift: int) -> Array:  # y at t - shift, 0 outside t's segment
         pad = ((0, 0), (shift, 0))
-        earlier_BxL = jnp.pad(x_BxL[:, :-shift], pad)
+        earlier_BxL = jnp.pad(y_BxL[:, :-shift], pad)
         same_BxL = jnp.pad(segment_ids_BxL[:, :-shift], pad, constant_values=-1) == segment_ids_BxL
-        out_BxL = jnp.maximum(out_BxL, jnp.where(same_BxL, earlier_BxL, 0.0))
+        return jnp.where(same_BxL, earlier_BxL, 0.0)
+
+    out_BxL, span = x_BxL, 1
+    while 2 * span <= window:
+        out_BxL, span = jnp.maximum(out_BxL, from_back(out_BxL, span)), 2 * span
+    if span < window:
+        out_BxL = jnp.maximum(out_BxL, from_back(out_BxL, window - span))
     return out_BxL
 
 
@@ -485,7 +498,10 @@ class RewardHead(nn.Module):
     head on h_t cannot read that: the prediction of token j is formed in the last layer at
     j - 1, which no attention reads, and a 3-layer trunk does not redo the arithmetic at
     the step's end (the session-16 PRM with a linear head: best-of-64 fell to 11%, README).
-    The window should cover a step, so the logit at a step's end sees all of it.
+    The window should cover a step, so the logit at a step's end sees all of it (a PRM), or
+    the whole response, so its last token does (an ORM). Only the response's tokens count
+    when the caller passes `response_mask_BxL` to `Transformer.forward`: the prompt is given,
+    not written, and a problem's random digits surprise any model.
     """
 
     cfg: ModelConfig
@@ -586,6 +602,7 @@ class Transformer(nn.Module):
         segment_ids_BxL: Array | None = None,
         cache: KVCache | None = None,
         compute_logits: bool = True,
+        response_mask_BxL: Array | None = None,
     ) -> ModelOutput:
         """Logits, final hidden states, scalar-head scores and the updated cache.
 
@@ -593,6 +610,8 @@ class Transformer(nn.Module):
         segment and, when `positions_BxL` is None, positions restart at every segment.
         With a cache, row b's tokens go to slots and positions `cache.end_index[b]` onwards;
         `segment_ids_BxL` then only marks right padding, which is not counted as written.
+        `response_mask_BxL` (nonzero on response tokens) limits the surprise a RewardHead
+        reads to the response; None counts every token.
         """
         B, L = tokens_BxL.shape
         packed = segment_ids_BxL is not None
@@ -641,6 +660,8 @@ class Transformer(nn.Module):
             head = getattr(self, f"{name}_head")
             if reads_surprise(self.cfg, name):
                 surprise_BxL = token_surprise(logits_BxLxV, tokens_BxL, segment_ids_BxL)
+                if response_mask_BxL is not None:
+                    surprise_BxL = jnp.where(response_mask_BxL != 0, surprise_BxL, 0.0)
                 scores[name] = head(hidden_BxLxD.astype(jnp.float32), surprise_BxL, segment_ids_BxL)
             else:
                 scores[name] = head(hidden_BxLxD.astype(jnp.float32))[..., 0]

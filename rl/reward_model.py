@@ -67,13 +67,17 @@ def load_reward_model(workdir: str, step: int | None = None) -> RewardModel:
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg",))
-def reward_logits(params, model_cfg: ModelConfig, tokens_BxL, segment_ids_BxL) -> jax.Array:
-    """The reward head's logits [B, L] (float32); segment_ids 0 marks padding."""
+def reward_logits(
+    params, model_cfg: ModelConfig, tokens_BxL, segment_ids_BxL, response_mask_BxL
+) -> jax.Array:
+    """The reward head's logits [B, L] (float32); segment_ids 0 marks padding, and
+    response_mask 1 the response tokens (a surprise-reading head reads only theirs)."""
     out = Transformer(model_cfg, heads=("reward",)).apply(
         {"params": params},
         tokens_BxL,
         segment_ids_BxL=segment_ids_BxL,
         compute_logits=False,  # the vocabulary projection is the costliest layer; skip it
+        response_mask_BxL=response_mask_BxL,
         method="forward",
     )
     return out.scores["reward"]
@@ -171,10 +175,14 @@ def score_tokens(
         width = _bucket(max(len(row) for row in chunk), limit)
         tokens_BxL = np.full((batch_size, width), pad_id, np.int32)
         segment_ids_BxL = np.zeros((batch_size, width), np.int32)
+        response_mask_BxL = np.zeros((batch_size, width), np.int32)
         for b, row in enumerate(chunk):
             tokens_BxL[b, : len(row)] = row
             segment_ids_BxL[b, : len(row)] = 1
-        logits_BxL = np.asarray(reward_logits(rm.params, rm.model_cfg, tokens_BxL, segment_ids_BxL))
+            response_mask_BxL[b, len(prompt_tokens[start + b]) : len(row)] = 1
+        logits_BxL = np.asarray(
+            reward_logits(rm.params, rm.model_cfg, tokens_BxL, segment_ids_BxL, response_mask_BxL)
+        )
         for b, row in enumerate(chunk):
             prompt_len = len(prompt_tokens[start + b])
             ends_S = prompt_len + prm_positions(row[prompt_len:], rm.tokenizer)

@@ -149,14 +149,21 @@ def reward_model_step_scorer(prm_workdir: str, tokenizer, batch_size: int) -> St
     def score(responses: Responses) -> list[tuple[np.ndarray, np.ndarray]]:
         inputs_RxL = responses.inputs_RxL
         ends_R = responses.prompt_lengths_R + responses.lengths_R
-        segment_ids_RxL = (np.arange(inputs_RxL.shape[1])[None] < ends_R[:, None]).astype(np.int32)
+        columns_L = np.arange(inputs_RxL.shape[1])
+        segment_ids_RxL = (columns_L[None] < ends_R[:, None]).astype(np.int32)
+        prompt_ends_R = responses.prompt_lengths_R
+        response_mask_RxL = segment_ids_RxL * (columns_L[None] >= prompt_ends_R[:, None])
         logits = []
         for start in range(0, len(inputs_RxL), batch_size):
             chunk = slice(start, start + batch_size)
             logits.append(
                 np.asarray(
                     reward_model.reward_logits(
-                        prm.params, prm.model_cfg, inputs_RxL[chunk], segment_ids_RxL[chunk]
+                        prm.params,
+                        prm.model_cfg,
+                        inputs_RxL[chunk],
+                        segment_ids_RxL[chunk],
+                        response_mask_RxL[chunk],
                     )
                 )
             )

@@ -191,11 +191,13 @@ def _reward_rescore(
     head: str,
     tokens_BxM: Array,
     lengths_B: Array,
+    prompt_lengths_B: Array,
     new_BxT: Array,
     new_lengths_B: Array,
-) -> tuple[tuple[Array, Array], Array]:
-    """Writes each row's new tokens after its first lengths_B and scores the whole rows;
-    returns ((tokens, lengths), head logits [B, T] at the new tokens)."""
+) -> tuple[tuple[Array, Array, Array], Array]:
+    """Writes each row's new tokens after its first lengths_B and scores the whole rows,
+    whose tokens after the first prompt_lengths_B are the response; returns ((tokens,
+    lengths, prompt lengths), head logits [B, T] at the new tokens)."""
     B, M = tokens_BxM.shape
     at_BxT = lengths_B[:, None] + jnp.arange(new_BxT.shape[1])[None, :]
     written_BxT = jnp.arange(new_BxT.shape[1])[None, :] < new_lengths_B[:, None]
@@ -205,15 +207,17 @@ def _reward_rescore(
     )
     lengths_B = lengths_B + new_lengths_B
     segment_ids_BxM = (jnp.arange(M)[None, :] < lengths_B[:, None]).astype(jnp.int32)
+    response_mask_BxM = segment_ids_BxM * (jnp.arange(M)[None, :] >= prompt_lengths_B[:, None])
     out = Transformer(cfg, heads=(head,)).apply(
         {"params": params},
         tokens_BxM,
         segment_ids_BxL=segment_ids_BxM,
         compute_logits=False,
+        response_mask_BxL=response_mask_BxM,
         method="forward",
     )
     logits_BxT = jnp.take_along_axis(out.scores[head], jnp.minimum(at_BxT, M - 1), axis=1)
-    return (tokens_BxM, lengths_B), logits_BxT
+    return (tokens_BxM, lengths_B, prompt_lengths_B), logits_BxT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,18 +234,16 @@ class WholeSequencePrmScorer:
     cfg: ModelConfig
     head: str = "reward"
 
-    def start(self, tokens_BxP: Array, lengths_B: Array, max_len: int) -> tuple[Array, Array]:
-        """The prompts, in rows with room for max_len tokens."""
+    def start(self, tokens_BxP: Array, lengths_B: Array, max_len: int) -> tuple[Array, ...]:
+        """The prompts, in rows with room for max_len tokens; (tokens, lengths, prompt lengths)."""
         tokens_BxM = jnp.zeros((tokens_BxP.shape[0], max_len), jnp.int32)
         tokens_BxM = tokens_BxM.at[:, : tokens_BxP.shape[1]].set(tokens_BxP)
-        return tokens_BxM, jnp.asarray(lengths_B, jnp.int32)
+        lengths_B = jnp.asarray(lengths_B, jnp.int32)
+        return tokens_BxM, lengths_B, lengths_B
 
     def extend(self, state, tokens_BxT: Array, lengths_B: Array) -> tuple[Any, Array]:
         """Appends tokens; the logits at a step's "\\n" are its step logit."""
-        tokens_BxM, so_far_B = state
-        return _reward_rescore(
-            self.params, self.cfg, self.head, tokens_BxM, so_far_B, tokens_BxT, lengths_B
-        )
+        return _reward_rescore(self.params, self.cfg, self.head, *state, tokens_BxT, lengths_B)
 
 
 def prm_scorer(params, cfg: ModelConfig, head: str = "reward") -> StepScorer:

@@ -331,6 +331,26 @@ def test_window_max_looks_back_within_its_segment():
     np.testing.assert_array_equal(wide, [[1, 1, 1, 5, 5, 5, 0, 0, 2, 2]])
 
 
+def test_window_max_by_doubling_matches_a_direct_loop():
+    rng = np.random.default_rng(0)
+    x_BxL = rng.exponential(size=(3, 23)).astype(np.float32)
+    # Contiguous segments of random lengths, then padding (segment 0).
+    segment_ids_BxL = np.cumsum(rng.random((3, 23)) < 0.15, axis=1) + 1
+    segment_ids_BxL[:, 19:] = 0
+    for window in (1, 2, 3, 5, 7, 8, 13, 16, 22, 23, 40):
+        got = np.asarray(transformer.window_max(x_BxL, segment_ids_BxL, window))
+        expected = np.zeros_like(x_BxL)
+        for b in range(3):
+            for t in range(23):
+                back = [
+                    j
+                    for j in range(max(0, t - window + 1), t + 1)
+                    if segment_ids_BxL[b, j] == segment_ids_BxL[b, t]
+                ]
+                expected[b, t] = x_BxL[b, back].max()
+        np.testing.assert_array_equal(got, expected, err_msg=f"window {window}")
+
+
 def test_reward_head_subtracts_scaled_recent_surprise(tiny_cfg, tiny_params):
     cfg = dataclasses.replace(tiny_cfg, reward_surprise_window=3)
     params = transformer.add_heads(tiny_params, cfg, ("reward", "value"), jax.random.PRNGKey(3))
@@ -362,6 +382,26 @@ def test_reward_head_subtracts_scaled_recent_surprise(tiny_cfg, tiny_params):
         rtol=1e-5,
         atol=1e-6,
     )
+    # A response mask keeps the prompt's surprise out: here the first 5 tokens of each row.
+    response_mask_BxL = jnp.array([[0] * 5 + [1] * 4, [0] * 5 + [1] * 4])
+    masked = transformer.Transformer(cfg, heads=("reward",)).apply(
+        {"params": params},
+        tokens_BxL,
+        segment_ids_BxL=segment_ids_BxL,
+        response_mask_BxL=response_mask_BxL,
+        method="forward",
+    )
+    surprise_BxL = transformer.token_surprise(logits_BxLxV, tokens_BxL, segment_ids_BxL)
+    recent_response_BxL = transformer.window_max(
+        jnp.where(response_mask_BxL != 0, surprise_BxL, 0.0), segment_ids_BxL, 3
+    )
+    np.testing.assert_allclose(
+        masked.scores["reward"],
+        linear_BxL - jax.nn.softplus(0.4) * recent_response_BxL,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert not np.allclose(masked.scores["reward"], out.scores["reward"])
     cache = transformer.init_cache(cfg, 2, 16)
     with pytest.raises(ValueError, match="score whole sequences without a cache"):
         _forward(cfg, params, tokens_BxL, ("reward",), cache=cache)

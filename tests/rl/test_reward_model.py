@@ -124,10 +124,13 @@ def test_score_tokens_reads_the_last_token_and_the_step_ends(problems, tokenizer
     # The reference: all rows in one batch, padded to the longest (no bucket, other rows).
     rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
-    segments = np.zeros_like(tokens)
+    segments, response = np.zeros_like(tokens), np.zeros_like(tokens)
     for i, row in enumerate(rows):
         tokens[i, : len(row)], segments[i, : len(row)] = row, 1
-    reference = np.asarray(reward_model.reward_logits(rm.params, rm.model_cfg, tokens, segments))
+        response[i, len(prompts[i]) : len(row)] = 1
+    reference = np.asarray(
+        reward_model.reward_logits(rm.params, rm.model_cfg, tokens, segments, response)
+    )
     for i, (prompt, response, score) in enumerate(zip(prompts, responses, scores, strict=True)):
         logits = reference[i, : len(rows[i])]
         ends = len(prompt) + step_end_positions(response, tokenizer)
@@ -140,6 +143,29 @@ def test_score_tokens_reads_the_last_token_and_the_step_ends(problems, tokenizer
     expected = [len(problem.steps) + 1 for problem in problems[:5]]
     expected[3] = 0
     assert [s.steps.size for s in scores] == expected
+
+
+def test_a_surprise_reading_head_reads_the_response_not_the_prompt(problems, tokenizer, rm):
+    """An ORM-style head whose window spans the whole row: at the last token its logit is
+    bias - s * (largest surprise over the response tokens), the prompt's left out."""
+    cfg = dataclasses.replace(rm.model_cfg, reward_surprise_window=rm.model_cfg.max_seq_len)
+    head = {
+        "linear": {"kernel": np.zeros((cfg.d_model, 1), np.float32), "bias": np.full((1,), 2.0)},
+        "surprise_scale": np.zeros((1,), np.float32),  # s = softplus(0) = log 2
+    }
+    surprise_rm = RewardModel("orm", {**rm.params, "reward_head": head}, cfg, tokenizer)
+    prompt = user_prompt_tokens(tokenizer, problems[0].prompt)
+    response = ids(fmt.render_assistant(fmt.problem_to_dialogue(problems[0]).turns[-1]), tokenizer)
+    response = response[:40] + [tokenizer.eot_id]
+    (score,) = score_tokens(surprise_rm, [prompt], [response])
+    row = np.asarray([prompt + response])
+    logits = transformer.Transformer(cfg).apply({"params": rm.params}, row, method="forward").logits
+    surprise = np.asarray(transformer.token_surprise(logits, row, np.ones_like(row)))[0]
+    in_response, in_prompt = surprise[len(prompt) :].max(), surprise[: len(prompt)].max()
+    assert in_prompt > in_response  # so reading the prompt would change the score
+    np.testing.assert_allclose(
+        score.final, sigmoid(2.0 - np.log(2.0) * in_response), rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

@@ -173,8 +173,9 @@ def prm_params(tiny_cfg, tiny_params):
 
 
 def surprise_prm(tiny_cfg, prm_params):
-    """(config, params) of the same PRM with a reward head that reads surprise (window 4)."""
-    cfg = dataclasses.replace(tiny_cfg, reward_surprise_window=4)
+    """(config, params) of the same PRM with a reward head that reads surprise (window 8,
+    which reaches back into the 4-token prompt, whose surprise must not count)."""
+    cfg = dataclasses.replace(tiny_cfg, reward_surprise_window=8)
     head = {"linear": prm_params["reward_head"], "surprise_scale": jnp.full((1,), 0.3)}
     return cfg, {**prm_params, "reward_head": head}
 
@@ -211,9 +212,10 @@ def test_greedy_search_reproduces_greedy_decoding_and_prm_scores(
     assert result.finished
     np.testing.assert_array_equal(result.tokens, expected)
     full = jnp.asarray([prompt + expected])
+    response_mask = jnp.asarray([[0] * len(prompt) + [1] * len(expected)])
     rewards = (
         Transformer(prm_cfg, heads=("reward",))
-        .apply({"params": prm_params}, full, method="forward")
+        .apply({"params": prm_params}, full, response_mask_BxL=response_mask, method="forward")
         .scores["reward"][0]
     )
     ends = [len(prompt) + i for i, t in enumerate(expected[:-1]) if t == newline]

@@ -30,6 +30,7 @@ def reward_scores(model, params, batch) -> jax.Array:
         batch["positions"],
         batch["segment_ids"],
         compute_logits=False,
+        response_mask_BxL=batch["loss_mask"],  # the surprise of response tokens only
         method="forward",
     )
     return out.scores["reward"]
