@@ -80,7 +80,9 @@ def test_loss_is_bce_at_the_marked_tokens(model_and_params, kind, target, mask, 
     loss, metrics = loss_fn(params, batch, jax.random.PRNGKey(0))
     # Reference logits through the scoring API (positions derived from the segments).
     logits = np.asarray(
-        reward_model.reward_logits(params, cfg, batch["inputs"], batch["segment_ids"])
+        reward_model.reward_logits(
+            params, cfg, batch["inputs"], batch["segment_ids"], batch["loss_mask"]
+        )
     )
     marked = batch[mask] > 0
     targets = batch[target][marked]
@@ -196,7 +198,9 @@ def test_config_variants():
         search = rm.get_config(f"kind={kind}")
         assert search.rm_data.policy_step == sft_configs.RM_POLICY_STEP
         assert sft_configs.RM_POLICY_STEP in sft_configs.get_config().keep_steps
-        assert search.model.reward_surprise_window == 32
+        # The PRM's window holds a step; the ORM's, read once at the end, the whole record.
+        window = {"orm": search.data.seq_len, "prm": 32}[kind]
+        assert search.model.reward_surprise_window == window
         assert search.optimizer.freeze == rm.HEAD_ONLY and search.init_from_step == 0
         assert search.num_steps == {"orm": 240, "prm": 480}[kind]
     assert letters.rm_data.policy_step == 0 and letters.model.reward_surprise_window == 0

@@ -17,9 +17,10 @@ data included (an estimate: 11.8 alone without sampling; README).
 
   multiplication (default)  the search experiment's task (rl.search_eval): 3-digit x 2-digit
       products, held out, sampled from the under-trained step-700 checkpoint of the SFT run
-      (sft.RM_POLICY_STEP, kept by sft.py): at temperature 1 it is right 32% of the time and
-      some sample of 64 is right on 89% of the problems, so reranking has room, and voting
-      has less (75% at N=64) than with the final policy (95%), whose right samples repeat.
+      (sft.RM_POLICY_STEP, kept by sft.py). The reward models learn from its samples at
+      temperature 1 (right 32% of the time: many wrong steps to learn from); the search
+      samples it at 0.7, where it is right 60% of the time, some sample of 64 is right on
+      88% of the problems and voting stalls at 72% (the final policy's voting: 95%).
       A wrong partial product or carry almost always makes the product wrong, so a trace's
       steps and its answer stand or fall together, as on MATH in "Let's Verify Step by Step".
       The reward models start from the final checkpoint, the better judge of arithmetic, and
@@ -36,9 +37,12 @@ The surprise head (model.transformer.RewardHead; session 16, README): a linear P
 the trained trunk stayed near chance on wrong digits (best-of-64 11%, below the 75% of
 voting), because a 3-layer trunk cannot redo a step's arithmetic at its end, while the SFT
 model's own next-token surprise at the digits written ranks samples well. The head adds
-`-s * max surprise over the last reward_surprise_window tokens` to its linear logit, and only
-the head trains: fine-tuning the trunk (lr 1e-3) made a sharper step classifier (AUC 0.99)
-but a blunter language model, and best-of-64 fell from 83% to 78%.
+`-s * max surprise over the last reward_surprise_window response tokens` to its linear
+logit, and only the head trains: fine-tuning the trunk (lr 1e-3) made a sharper step
+classifier (AUC 0.99) but a blunter language model, and best-of-64 fell from 83% to 78%.
+The PRM's window holds a step, read at each step's end; the ORM's holds the whole response,
+read at its end. Both see every token, so they differ only in their labels (session 17: an
+ORM whose window held the last 32 tokens only, blind to most steps, fell to 8% at N=64).
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ def get_config(arg: str | None = None):
     c.objective = arg.kind
     c.init_from = "workdirs/sft"  # the SFT run: initial weights, tokenizer and sampling policy
     c.model.reward_surprise_window = task["surprise_window"]
+    if arg.kind == "orm" and task["surprise_window"]:
+        # The ORM judges a response once, at its last token, so its window is the whole
+        # record (only the response's surprise counts): it reads every step the PRM reads.
+        c.model.reward_surprise_window = task["seq_len"]
     # One task (above). Its test split is rl.search_eval's held-out problems: rl.search_eval
     # drops any whose prompt is in the SFT run's train split (words belong to a split by a
     # hash of their spelling anyway).
