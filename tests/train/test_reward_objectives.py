@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -25,9 +26,11 @@ from train.objectives import get_objective
 # ---------------------------------------------------------------------------- losses
 
 
-@pytest.fixture(scope="module")
-def model_and_params():
-    cfg = model_config.get_preset("tiny")
+def random_reward_model(surprise_window: int = 0):
+    """(config, model, random params) of a tiny decoder with a reward head."""
+    cfg = dataclasses.replace(
+        model_config.get_preset("tiny"), reward_surprise_window=surprise_window
+    )
     model = transformer.Transformer(cfg, heads=("reward",))
     shapes = jax.eval_shape(
         lambda key: transformer.init_params(cfg, key, heads=("reward",)), jax.random.PRNGKey(0)
@@ -35,6 +38,11 @@ def model_and_params():
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(s.dtype), shapes)
     return cfg, model, params
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    return random_reward_model()
 
 
 def toy_batch() -> dict:
@@ -47,12 +55,16 @@ def toy_batch() -> dict:
         "inputs": rng.integers(0, 128, (2, 12)).astype(np.int32),
         "positions": positions,
         "segment_ids": segment_ids,
-        "loss_mask": zeros.copy(),
+        "loss_mask": zeros.copy(),  # response tokens, set below
         "orm_mask": zeros.copy(),
         "orm_target": zeros.copy(),
         "step_end_mask": zeros.copy(),
         "step_target": zeros.copy(),
     }
+    # Each segment's response; in two of them (these inputs, the random model below) a prompt
+    # token is more surprising than any response token, so reading the prompt shows.
+    for row, start, end in ((0, 3, 5), (0, 8, 9), (1, 7, 10)):
+        batch["loss_mask"][row, start:end] = 1.0
     for row, col, label in ((0, 4, 1.0), (0, 8, 0.0), (1, 9, 1.0)):  # each segment's last token
         batch["orm_mask"][row, col], batch["orm_target"][row, col] = 1.0, label
     for row, col, label in ((0, 1, 1.0), (0, 3, 0.0), (0, 6, 0.25), (1, 2, 0.75), (1, 7, 1.0)):
@@ -71,8 +83,10 @@ def bce(logits, targets) -> np.ndarray:
     [("orm", "orm_target", "orm_mask"), ("prm", "step_target", "step_end_mask")],
 )
 @pytest.mark.parametrize("negative_weight", [1.0, 5.0])
-def test_loss_is_bce_at_the_marked_tokens(model_and_params, kind, target, mask, negative_weight):
-    cfg, model, params = model_and_params
+@pytest.mark.parametrize("surprise_window", [0, 12])
+def test_loss_is_bce_at_the_marked_tokens(kind, target, mask, negative_weight, surprise_window):
+    """For a linear head and one that reads the surprise of the response tokens only."""
+    cfg, model, params = random_reward_model(surprise_window)
     batch = toy_batch()
     config = rm.get_config(f"kind={kind}")
     config.loss.negative_weight = negative_weight
@@ -84,6 +98,11 @@ def test_loss_is_bce_at_the_marked_tokens(model_and_params, kind, target, mask, 
             params, cfg, batch["inputs"], batch["segment_ids"], batch["loss_mask"]
         )
     )
+    if surprise_window:  # the prompt's surprise would change the logits: the mask matters
+        every_token = reward_model.reward_logits(
+            params, cfg, batch["inputs"], batch["segment_ids"], np.ones((2, 12), np.float32)
+        )
+        assert not np.allclose(logits[batch[mask] > 0], np.asarray(every_token)[batch[mask] > 0])
     marked = batch[mask] > 0
     targets = batch[target][marked]
     assert 0 < targets.mean() < 1, "the toy batch needs right and wrong labels"
