@@ -168,6 +168,43 @@ def test_a_surprise_reading_head_reads_the_response_not_the_prompt(problems, tok
     )
 
 
+def test_rl_prm_reward_scores_as_score_tokens_does(problems, tokenizer, rm, monkeypatch):
+    """RL's dense PRM reward reads fixed-width rollout rows; with a surprise-reading head
+    its step probabilities must still match score_tokens (response surprise only; the window
+    reaches back into the prompt, whose surprise must not count)."""
+    from rl import rewards
+
+    cfg = dataclasses.replace(rm.model_cfg, reward_surprise_window=rm.model_cfg.max_seq_len)
+    head = {"linear": rm.params["reward_head"], "surprise_scale": np.zeros((1,), np.float32)}
+    surprise_rm = RewardModel("prm", {**rm.params, "reward_head": head}, cfg, tokenizer)
+    monkeypatch.setattr(reward_model, "load_reward_model", lambda workdir: surprise_rm)
+    prompts, responses = [], []
+    for problem in problems[:3]:
+        prompts.append(user_prompt_tokens(tokenizer, problem.prompt))
+        turn = fmt.problem_to_dialogue(problem).turns[-1]
+        responses.append(ids(fmt.render_assistant(turn), tokenizer)[:60] + [tokenizer.eot_id])
+    width, num_tokens = 200, 80
+    inputs_RxL = np.zeros((3, width), np.int32)
+    tokens_RxT = np.zeros((3, num_tokens), np.int32)
+    for r, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        inputs_RxL[r, : len(prompt) + len(response)] = prompt + response
+        tokens_RxT[r, : len(response)] = response
+    rollouts = rewards.Responses(
+        problems=problems[:3],
+        texts=[""] * 3,
+        tokens_RxT=tokens_RxT,
+        lengths_R=np.array([len(r) for r in responses], np.int32),
+        finished_R=np.ones(3, bool),
+        inputs_RxL=inputs_RxL,
+        prompt_lengths_R=np.array([len(p) for p in prompts], np.int32),
+    )
+    scored = rewards.reward_model_step_scorer("unused", tokenizer, batch_size=2)(rollouts)
+    expected = score_tokens(surprise_rm, prompts, responses)
+    for (columns_S, probs_S), score, response in zip(scored, expected, responses, strict=True):
+        np.testing.assert_array_equal(columns_S, prm_positions(response, tokenizer))
+        np.testing.assert_allclose(probs_S, score.steps, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "text, eot, expected",
     [
